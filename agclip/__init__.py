@@ -1,0 +1,23 @@
+"""agclip: framework-agnostic gradient clipping over the Python array API.
+
+The math is written once, as pure functions over array-API arrays in any
+pytree; adapters in :mod:`agclip.backends` give PyTorch, JAX/optax and NumPy
+users the interface their ecosystem expects. ``import agclip`` imports no
+framework.
+"""
+
+from ._clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
+from ._finite import all_finite, nonfinite_paths, zero_nonfinite
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "all_finite",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "clip_by_value",
+    "global_norm",
+    "nonfinite_paths",
+    "zero_nonfinite",
+]

@@ -1,0 +1,149 @@
+"""Functional clipping over pytrees: by global norm, by per-leaf norm, by value."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ._checks import check_eps, check_ord, check_threshold, flatten_arrays
+from ._norms import clip_coefficient, norm_of_leaves
+
+
+def _empty_norm() -> Any:
+    # No leaves, so no library to answer in: a NumPy 0-d float32 zero.
+    return np.zeros((), dtype=np.float32)
+
+
+def global_norm(tree: Any, *, ord: float = 2) -> Any:
+    """The p-norm of all leaves of ``tree`` taken together.
+
+    Accurate (float32 gradients: relative error ~1e-8 against float64), never
+    squares 16-bit values in their own dtype, and overflow-safe: finite leaves
+    whose squares overflow still give the right finite norm.
+
+    Args:
+        tree: a pytree (list, tuple, dict, namedtuple, JAX-registered node...)
+            of real floating-point arrays of one array-API library; ``None``
+            leaves are skipped.
+        ord: 2 (default), 1, ``inf`` or any finite p > 0.
+
+    Returns:
+        A 0-d array of the leaves' library and device: float32 for 16- and
+        32-bit leaves, float64 when any leaf is float64. An empty tree gives a
+        NumPy float32 zero.
+
+    Example:
+        >>> import numpy as np, agclip
+        >>> float(agclip.global_norm([np.array([3.0, 4.0]), None]))
+        5.0
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+    p = check_ord(ord)
+    flat, k = flatten_arrays(tree)
+    if k is None:
+        return _empty_norm()
+    norm = norm_of_leaves(k, flat.leaves, p)
+    return k.xp.astype(norm, k.result_dtype(flat.leaves))
+
+
+def clip_by_global_norm(
+    tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6
+) -> tuple[Any, Any]:
+    """Scale all leaves by ``min(1, max_norm / (norm + eps))``, norm taken over all leaves.
+
+    The same rule as ``torch.nn.utils.clip_grad_norm_``, branch-free: it runs
+    under ``jax.jit``, on CUDA without a host sync and on torch's ``meta``
+    device. 16-bit leaves are scaled in float32 and cast back.
+
+    Args:
+        tree: a pytree of real floating-point arrays (``None`` leaves kept).
+        max_norm: the largest norm allowed, a finite number >= 0 (or a 0-d array).
+        ord: 2 (default), 1, ``inf`` or any finite p > 0.
+        eps: added to the norm before dividing; >= 0.
+
+    Returns:
+        ``(clipped, norm)``: a new tree of the same structure and dtypes, and
+        the pre-clip global norm (see :func:`global_norm`).
+
+    Example:
+        >>> import numpy as np, agclip
+        >>> clipped, norm = agclip.clip_by_global_norm([np.array([3.0, 4.0])], 1.0)
+        >>> float(norm), clipped[0].round(4).tolist()
+        (5.0, [0.6, 0.8])
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+    max_norm = check_threshold("max_norm", max_norm)
+    p, eps = check_ord(ord), check_eps(eps)
+    flat, k = flatten_arrays(tree)
+    if k is None:
+        return tree, _empty_norm()
+    norm = norm_of_leaves(k, flat.leaves, p)
+    clipped = k.scale(flat.leaves, clip_coefficient(k, norm, max_norm, eps))
+    return flat.unflatten(clipped), k.xp.astype(norm, k.result_dtype(flat.leaves))
+
+
+def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6) -> Any:
+    """Scale each leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
+
+    Args:
+        tree: a pytree of real floating-point arrays (``None`` leaves kept).
+        max_norm: the largest norm allowed per leaf, a finite number >= 0.
+        ord: 2 (default), 1, ``inf`` or any finite p > 0.
+        eps: added to each norm before dividing; >= 0.
+
+    Returns:
+        A new tree of the same structure and dtypes.
+
+    Example:
+        >>> import numpy as np, agclip
+        >>> out = agclip.clip_by_norm({"a": np.array([3.0, 4.0]), "b": np.array([0.1])}, 1.0)
+        >>> out["a"].round(4).tolist(), out["b"].tolist()
+        ([0.6, 0.8], [0.1])
+
+    References:
+        Pascanu, Mikolov and Bengio, ICML 2013 (norm clipping applied per tensor).
+    """
+    max_norm = check_threshold("max_norm", max_norm)
+    p, eps = check_ord(ord), check_eps(eps)
+    flat, k = flatten_arrays(tree)
+    if k is None:
+        return tree
+    clipped = [
+        k.scale([leaf], clip_coefficient(k, norm_of_leaves(k, [leaf], p), max_norm, eps))[0]
+        for leaf in flat.leaves
+    ]
+    return flat.unflatten(clipped)
+
+
+def clip_by_value(tree: Any, clip_value: Any) -> Any:
+    """Clip every element into ``[-clip_value, clip_value]``.
+
+    Args:
+        tree: a pytree of real floating-point arrays (``None`` leaves kept).
+        clip_value: a finite number >= 0.
+
+    Returns:
+        A new tree of the same structure and dtypes. NaN stays NaN.
+
+    Example:
+        >>> import numpy as np, agclip
+        >>> agclip.clip_by_value([np.array([-3.0, 0.5, 7.0])], 1.0)[0].tolist()
+        [-1.0, 0.5, 1.0]
+
+    References:
+        Mikolov, "Statistical language models based on neural networks", 2012
+        (element-wise gradient clipping).
+    """
+    clip_value = check_threshold("clip_value", clip_value)
+    flat, k = flatten_arrays(tree)
+    if k is None:
+        return tree
+    xp = k.xp
+    return flat.unflatten([xp.clip(leaf, -clip_value, clip_value) for leaf in flat.leaves])

@@ -1,0 +1,156 @@
+"""The few primitives a backend may override, with generic array-API versions.
+
+The core (``_norms``, ``_clip``) only talks to a :class:`Kernels` object.
+``kernels_for(xp)`` picks the backend's subclass (NumPy: BLAS blocks; PyTorch:
+foreach and row-blocked norms; JAX: ``lax.cond``) or this generic one, which
+works on any array-API library.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import cache
+from types import ModuleType
+from typing import Any
+
+import array_api_compat as compat
+
+# Reductions run over rows of this many elements, then over the row sums: two
+# short sums instead of one long one keep float32 rounding error ~1e-8.
+BLOCK = 4096
+
+
+def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
+    """|x|**p with the cheap forms for p = 1 and p = 2."""
+    if p == 2:
+        return x * x
+    if p == 1:
+        return xp.abs(x)
+    return xp.abs(x) ** p
+
+
+class Kernels:
+    """Generic array-API kernels. Pure functions; no in-place writes unless named ``_``."""
+
+    #: Whether array values can be read on the host for free (eager CPU arrays).
+    host_values = False
+
+    def __init__(self, xp: ModuleType):
+        self.xp = xp
+
+    # -- dtypes -----------------------------------------------------------
+    def accumulator(self, leaves: Sequence[Any]) -> Any:
+        """The dtype partial sums are combined in: float64 where the library has it."""
+        return self.xp.float64
+
+    def result_dtype(self, leaves: Sequence[Any]) -> Any:
+        """float64 when a leaf is float64, else float32 (the numerics contract)."""
+        xp = self.xp
+        if any(leaf.dtype == xp.float64 for leaf in leaves):
+            return xp.float64
+        return xp.float32
+
+    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+        """Whether sum(|x|**p) could overflow ``acc`` for finite leaves (static check)."""
+        if math.isinf(p):
+            return False
+        xp = self.xp
+        acc_digits = math.log10(float(xp.finfo(acc).max))
+        size = sum(math.prod(leaf.shape) for leaf in leaves)
+        worst = max(math.log10(float(xp.finfo(leaf.dtype).max)) for leaf in leaves)
+        return p * worst + math.log10(max(size, 1)) >= acc_digits
+
+    # -- reductions -------------------------------------------------------
+    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+        """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
+        xp = self.xp
+        parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in leaves if _size(leaf)]
+        if not parts:
+            return xp.zeros((), dtype=acc)
+        return xp.sum(self.gather(parts))
+
+    def _leaf_sum(self, x: Any, p: float, acc: Any, scale: Any) -> Any:
+        xp = self.xp
+        flat = xp.astype(xp.reshape(x, (-1,)), acc, copy=False)
+        if scale is not None:
+            flat = flat * scale
+        n = flat.shape[0]
+        rows = n // BLOCK
+        total = xp.zeros((), dtype=acc)
+        if rows:
+            body = xp.reshape(flat[: rows * BLOCK], (rows, BLOCK))
+            total = xp.sum(xp.sum(pow_abs(xp, body, p), axis=1))
+        if n % BLOCK:
+            total = total + xp.sum(pow_abs(xp, flat[rows * BLOCK :], p))
+        return total
+
+    def max_abs(self, leaves: Sequence[Any], acc: Any) -> Any:
+        """max over leaves of max(|x|) as ``acc``; 0 for no elements; NaN propagates."""
+        xp = self.xp
+        parts = [xp.astype(xp.max(xp.abs(leaf)), acc) for leaf in leaves if _size(leaf)]
+        if not parts:
+            return xp.zeros((), dtype=acc)
+        stacked = self.gather(parts)
+        # max() may drop NaN on some libraries; carry it explicitly.
+        return xp.where(xp.any(xp.isnan(stacked)), xp.asarray(xp.nan, dtype=acc), xp.max(stacked))
+
+    def gather(self, parts: Sequence[Any]) -> Any:
+        """Stack 0-d arrays, moving them to the first one's device."""
+        xp = self.xp
+        device = compat.device(parts[0])
+        return xp.stack([compat.to_device(part, device) for part in parts])
+
+    # -- control flow -----------------------------------------------------
+    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
+        """``value`` where finite, else ``fallback()``; branch-free generic version."""
+        xp = self.xp
+        return xp.where(xp.isfinite(value), value, fallback())
+
+    # -- scaling ----------------------------------------------------------
+    def scale(self, leaves: Sequence[Any], factor: Any) -> list[Any]:
+        """Each leaf times ``factor`` (a 0-d array), as new arrays of the leaf's dtype.
+
+        16-bit leaves are multiplied in float32: a small factor cast to float16
+        first would lose its digits or flush to zero.
+        """
+        return [self._scaled(leaf, factor) for leaf in leaves]
+
+    def _scaled(self, leaf: Any, factor: Any) -> Any:
+        xp = self.xp
+        work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
+        factor = xp.astype(self._to_device_of(factor, leaf), work)
+        if leaf.dtype == work:
+            return leaf * factor
+        return xp.astype(xp.astype(leaf, work) * factor, leaf.dtype)
+
+    def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
+        """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
+        for leaf in leaves:
+            leaf[...] = self._scaled(leaf, factor)
+
+    def _to_device_of(self, value: Any, like: Any) -> Any:
+        device = compat.device(like)
+        return value if compat.device(value) == device else compat.to_device(value, device)
+
+
+def _size(x: Any) -> int:
+    return math.prod(x.shape)
+
+
+@cache
+def kernels_for(xp: ModuleType) -> Kernels:
+    """The kernels for namespace ``xp``: a backend override or the generic ones."""
+    if compat.is_numpy_namespace(xp):
+        from .backends._numpy_kernels import NumpyKernels
+
+        return NumpyKernels(xp)
+    if compat.is_torch_namespace(xp):
+        from .backends._torch_kernels import TorchKernels
+
+        return TorchKernels(xp)
+    if compat.is_jax_namespace(xp):
+        from .backends._jax_kernels import JaxKernels
+
+        return JaxKernels(xp)
+    return Kernels(xp)

@@ -1,0 +1,43 @@
+"""Global and per-leaf norms: accurate, overflow-safe, any order p > 0."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from ._kernels import Kernels
+
+
+def norm_of_leaves(k: Kernels, leaves: Sequence[Any], p: float) -> Any:
+    """The p-norm of all leaves together, as a 0-d array of the accumulator dtype.
+
+    Fast path: one accurate pass of sum(|x|**p). Only when the accumulator can
+    overflow for finite inputs (a static check on dtypes, sizes and p) is the
+    result guarded: if it is not finite, the norm is recomputed on inputs
+    divided by their largest magnitude, which cannot overflow. How the guard
+    branches is the kernels' business (host ``if``, ``lax.cond`` or ``where``).
+    """
+    xp = k.xp
+    acc = k.accumulator(leaves)
+    if math.isinf(p):
+        return k.max_abs(leaves, acc)
+    fast = k.sum_of_powers(leaves, p, acc) ** (1.0 / p)
+    if not k.may_overflow(leaves, p, acc):
+        return fast
+
+    def rescaled() -> Any:
+        peak = k.max_abs(leaves, acc)
+        usable = xp.isfinite(peak) & (peak > 0)
+        divisor = xp.where(usable, peak, xp.ones_like(peak))
+        norm = divisor * k.sum_of_powers(leaves, p, acc, scale=1.0 / divisor) ** (1.0 / p)
+        # Non-finite inputs keep the fast result (inf or NaN), as torch does.
+        return xp.where(usable, norm, fast)
+
+    return k.if_not_finite(fast, rescaled)
+
+
+def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: float) -> Any:
+    """min(1, max_norm / (norm + eps)), branch-free, in the norm's dtype."""
+    xp = k.xp
+    return xp.minimum(xp.ones_like(norm), max_norm / (norm + eps))

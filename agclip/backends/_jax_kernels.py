@@ -1,0 +1,26 @@
+"""JAX kernels: the overflow guard as ``lax.cond``, so the common path stays one fused pass."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .._kernels import Kernels
+
+
+class JaxKernels(Kernels):
+    def accumulator(self, leaves: Sequence[Any]) -> Any:
+        # Without x64, float64 does not exist: accumulate in float32, blocked.
+        return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+
+    def gather(self, parts: Sequence[Any]) -> Any:
+        return jnp.stack(list(parts))
+
+    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
+        return jax.lax.cond(jnp.isfinite(value), lambda: value, fallback)
+
+    def _to_device_of(self, value: Any, like: Any) -> Any:
+        return value  # XLA places scalars; tracers have no device to ask

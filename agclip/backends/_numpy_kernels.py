@@ -1,0 +1,71 @@
+"""NumPy kernels: BLAS dot products over cache-sized blocks, no full-size temporaries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._kernels import Kernels, pow_abs
+
+# Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
+# partial sums short (relative error ~1e-8 on 4e7 values) at ~1.1x the time of
+# one long np.dot (measured).
+NP_BLOCK = 1 << 16
+
+
+def _work_dtype(x: np.ndarray) -> type:
+    return np.float64 if x.dtype == np.float64 else np.float32
+
+
+class NumpyKernels(Kernels):
+    host_values = True
+
+    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+        # Blocks are summed in float32; the guard is one host isfinite, so always keep it.
+        return True
+
+    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+        total = 0.0  # Python float: partial sums combine in float64
+        with np.errstate(over="ignore", invalid="ignore"):
+            for leaf in leaves:
+                total += self._leaf_sum(np.asarray(leaf), p, scale)
+        return np.asarray(total, dtype=acc)
+
+    def _leaf_sum(self, x: np.ndarray, p: float, scale: Any) -> float:
+        flat = x.reshape(-1)
+        work = _work_dtype(x)
+        if p == 2 and scale is None and x.dtype == work:
+            return sum(
+                float(np.dot(block, block))
+                for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))
+            )
+        factor = None if scale is None else np.asarray(scale, dtype=work)
+        buf = np.empty(min(flat.size, NP_BLOCK), dtype=work)
+        total = 0.0
+        for start in range(0, flat.size, NP_BLOCK):
+            block = flat[start : start + NP_BLOCK]
+            tmp = buf[: block.size]
+            if factor is None:
+                tmp[...] = block
+            else:
+                np.multiply(block, factor, out=tmp, casting="same_kind")
+            total += float(np.sum(pow_abs(np, tmp, p)))
+        return total
+
+    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
+        return value if np.isfinite(value) else fallback()
+
+    def scale(self, leaves: Sequence[Any], factor: Any) -> list[Any]:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return super().scale(leaves, factor)
+
+    def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
+        """In place; no pass at all when the factor is exactly 1 (nothing to clip)."""
+        if float(factor) == 1.0:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            for leaf in leaves:
+                work = np.asarray(factor, dtype=_work_dtype(leaf))
+                np.multiply(leaf, work, out=leaf, casting="same_kind")

@@ -1,0 +1,116 @@
+"""PyTorch kernels: grouped by device and dtype, foreach where it pays, no host sync off-CPU.
+
+CPU: large tensors are reduced in rows of ``BLOCK`` elements (float32 row
+norms, combined in float64: relative error ~3e-9 on 4e7 values at the speed of
+one ``vector_norm``); small ones go through one ``_foreach_norm``. Values can
+be read for free, so the overflow guard is a host check and the scale pass is
+skipped when nothing needs clipping.
+
+Other devices (CUDA, meta, ...): ``_foreach_norm(dtype=float64)`` accumulates
+in float64 inside one fused pass, which cannot overflow for 16/32-bit
+gradients with p in {1, 2}; no value is read on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .._kernels import BLOCK, Kernels
+
+# Tensors up to this many elements are reduced by one _foreach_norm call (their
+# float32 sums are short enough to stay accurate).
+SMALL = 4 * BLOCK
+
+
+def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return list(groups.values())
+
+
+def _row_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class TorchKernels(Kernels):
+    def accumulator(self, leaves: Sequence[Any]) -> Any:
+        if any(leaf.device.type == "mps" for leaf in leaves):
+            return torch.float32  # MPS has no float64
+        return torch.float64
+
+    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+        # CPU rows are summed in float32, and the guard there is a free host check.
+        if any(leaf.device.type == "cpu" for leaf in leaves):
+            return True
+        return super().may_overflow(leaves, p, acc)
+
+    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+        parts = []
+        for group in group_by_device_and_dtype(t for t in leaves if t.numel()):
+            if scale is not None:
+                group = [t.to(acc) * scale.to(t.device) for t in group]
+            if group[0].device.type == "cpu":
+                parts.append(self._cpu_sum(group, p, acc))
+            else:
+                parts.append(self._device_sum(group, p, acc))
+        if not parts:
+            return torch.zeros((), dtype=acc, device=leaves[0].device if leaves else None)
+        return self.gather(parts).sum()
+
+    def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
+        rows_dtype = _row_dtype(group[0].dtype)
+        small = [t for t in group if t.numel() <= SMALL]
+        norms = list(torch._foreach_norm(small, p, dtype=rows_dtype)) if small else []
+        for tensor in group:
+            if tensor.numel() > SMALL:
+                flat = tensor.reshape(-1)
+                rows = flat.numel() // BLOCK
+                body = flat[: rows * BLOCK].view(rows, BLOCK)
+                norms.append(torch.linalg.vector_norm(body, p, dim=1, dtype=rows_dtype))
+                if flat.numel() % BLOCK:
+                    tail = flat[rows * BLOCK :]
+                    norms.append(torch.linalg.vector_norm(tail, p, dtype=rows_dtype).reshape(1))
+        return torch.cat([n.reshape(-1) for n in norms]).to(acc).pow(p).sum()
+
+    def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
+        if p in (1.0, 2.0):
+            norms = torch._foreach_norm(group, p, dtype=acc)
+        else:
+            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
+        return torch.stack(list(norms)).pow(p).sum()
+
+    def max_abs(self, leaves: Sequence[Any], acc: Any) -> Any:
+        parts = [
+            torch.stack(list(torch._foreach_norm(group, float("inf")))).max().to(acc)
+            for group in group_by_device_and_dtype(t for t in leaves if t.numel())
+        ]
+        if not parts:
+            return torch.zeros((), dtype=acc)
+        return self.gather(parts).max()
+
+    def gather(self, parts: Sequence[Any]) -> Any:
+        device = parts[0].device
+        return torch.stack([part.to(device) for part in parts])
+
+    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
+        if value.device.type == "cpu":
+            return value if bool(torch.isfinite(value)) else fallback()
+        return torch.where(torch.isfinite(value), value, fallback())
+
+    def scale_(self, leaves: Sequence[Any], factor: Any, foreach: bool | None = None) -> None:
+        """In place; on CPU no pass at all when the factor is exactly 1."""
+        if factor.device.type == "cpu" and bool(factor == 1):
+            return
+        for group in group_by_device_and_dtype(leaves):
+            device = group[0].device
+            work = torch.float64 if group[0].dtype == torch.float64 else torch.float32
+            local = factor.to(device=device, dtype=work)
+            if foreach is False:
+                for tensor in group:
+                    tensor.mul_(local)
+            else:
+                torch._foreach_mul_(group, local)

@@ -1,0 +1,89 @@
+"""NumPy adapter: clip lists of ndarrays in place.
+
+Reductions are BLAS dot products over 256 KiB blocks (accurate and without
+full-size temporaries); scaling is one in-place multiply, skipped entirely
+when no clipping is needed.
+
+Example:
+    >>> import numpy as np
+    >>> from agclip.backends.numpy import clip_by_global_norm_
+    >>> grads = [np.array([3.0, 4.0], dtype=np.float32), None]
+    >>> clip_by_global_norm_(grads, 1.0)
+    5.0
+    >>> grads[0].round(4).tolist()
+    [0.6, 0.8]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from .._checks import check_eps, check_ord, check_threshold
+from .._kernels import kernels_for
+from .._norms import clip_coefficient, norm_of_leaves
+
+__all__ = ["clip_by_global_norm_", "clip_by_value_"]
+
+_kernels = kernels_for(np)  # the NumPy overrides; array_api_compat.numpy wraps the same arrays
+
+
+def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
+    """The non-None arrays, checked to be writable floating ndarrays (nothing modified)."""
+    checked = []
+    for index, array in enumerate(arrays):
+        if array is None:
+            continue
+        if not isinstance(array, np.ndarray):
+            raise TypeError(f"arrays[{index}] is a {type(array).__name__}, not a numpy.ndarray")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(
+                f"arrays[{index}] has dtype {array.dtype}; gradients must be floating point"
+            )
+        if not array.flags.writeable:
+            raise ValueError(f"arrays[{index}] is read-only; it cannot be clipped in place")
+        checked.append(array)
+    return checked
+
+
+def clip_by_global_norm_(
+    arrays: Iterable[np.ndarray | None], max_norm: float, *, ord: float = 2, eps: float = 1e-6
+) -> float:
+    """Scale the arrays in place so their global p-norm is at most ``max_norm``.
+
+    Same rule as :func:`agclip.clip_by_global_norm`:
+    ``coef = min(1, max_norm / (norm + eps))``; when ``coef`` is 1 nothing is
+    written at all.
+
+    Args:
+        arrays: floating-point ndarrays (``None`` entries skipped).
+        max_norm: a finite number >= 0.
+        ord: 2 (default), 1, ``inf`` or any finite p > 0.
+        eps: added to the norm before dividing; >= 0.
+
+    Returns:
+        The pre-clip global norm, as a Python float.
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+    max_norm = check_threshold("max_norm", max_norm)
+    p, eps = check_ord(ord), check_eps(eps)
+    leaves = _writable_arrays(arrays)
+    norm = norm_of_leaves(_kernels, leaves, p)
+    _kernels.scale_(leaves, clip_coefficient(_kernels, norm, max_norm, eps))
+    return float(norm)
+
+
+def clip_by_value_(arrays: Iterable[np.ndarray | None], clip_value: float) -> None:
+    """Clip every element of the arrays into ``[-clip_value, clip_value]``, in place.
+
+    References:
+        Mikolov, "Statistical language models based on neural networks", 2012.
+    """
+    clip_value = check_threshold("clip_value", clip_value)
+    for array in _writable_arrays(arrays):
+        np.clip(array, -clip_value, clip_value, out=array)
