@@ -15,10 +15,17 @@ from types import ModuleType
 from typing import Any
 
 import array_api_compat as compat
+import numpy as np
 
 # Reductions run over rows of this many elements, then over the row sums: two
 # short sums instead of one long one keep float32 rounding error ~1e-8.
 BLOCK = 4096
+
+
+def quiet() -> np.errstate:
+    """Silence NumPy's overflow/invalid warnings (NumPy-backed libraries too): an
+    overflowing fast path is expected, and handled by the norm's guard."""
+    return np.errstate(over="ignore", invalid="ignore")
 
 
 def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
@@ -65,10 +72,11 @@ class Kernels:
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
         """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
         xp = self.xp
-        parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in leaves if _size(leaf)]
-        if not parts:
-            return xp.zeros((), dtype=acc)
-        return xp.sum(self.gather(parts))
+        with quiet():
+            parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in leaves if _size(leaf)]
+            if not parts:
+                return xp.zeros((), dtype=acc)
+            return xp.sum(self.gather(parts))
 
     def _leaf_sum(self, x: Any, p: float, acc: Any, scale: Any) -> Any:
         xp = self.xp
@@ -114,7 +122,8 @@ class Kernels:
         16-bit leaves are multiplied in float32: a small factor cast to float16
         first would lose its digits or flush to zero.
         """
-        return [self._scaled(leaf, factor) for leaf in leaves]
+        with quiet():
+            return [self._scaled(leaf, factor) for leaf in leaves]
 
     def _scaled(self, leaf: Any, factor: Any) -> Any:
         xp = self.xp
@@ -126,8 +135,9 @@ class Kernels:
 
     def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
         """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
-        for leaf in leaves:
-            leaf[...] = self._scaled(leaf, factor)
+        with quiet():
+            for leaf in leaves:
+                leaf[...] = self._scaled(leaf, factor)
 
     def _to_device_of(self, value: Any, like: Any) -> Any:
         device = compat.device(like)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._kernels import Kernels, pow_abs
+from .._kernels import Kernels, pow_abs, quiet
 
 # Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
 # partial sums short (relative error ~1e-8 on 4e7 values) at ~1.1x the time of
@@ -28,7 +28,7 @@ class NumpyKernels(Kernels):
 
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
         total = 0.0  # Python float: partial sums combine in float64
-        with np.errstate(over="ignore", invalid="ignore"):
+        with quiet():
             for leaf in leaves:
                 total += self._leaf_sum(np.asarray(leaf), p, scale)
         return np.asarray(total, dtype=acc)
@@ -57,15 +57,11 @@ class NumpyKernels(Kernels):
     def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
         return value if np.isfinite(value) else fallback()
 
-    def scale(self, leaves: Sequence[Any], factor: Any) -> list[Any]:
-        with np.errstate(over="ignore", invalid="ignore"):
-            return super().scale(leaves, factor)
-
     def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
         """In place; no pass at all when the factor is exactly 1 (nothing to clip)."""
         if float(factor) == 1.0:
             return
-        with np.errstate(over="ignore", invalid="ignore"):
+        with quiet():
             for leaf in leaves:
                 work = np.asarray(factor, dtype=_work_dtype(leaf))
                 np.multiply(leaf, work, out=leaf, casting="same_kind")

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from array_api_compat import numpy as compat_numpy
 
 from .._checks import check_eps, check_ord, check_threshold
 from .._kernels import kernels_for
@@ -27,7 +28,7 @@ from .._norms import clip_coefficient, norm_of_leaves
 
 __all__ = ["clip_by_global_norm_", "clip_by_value_"]
 
-_kernels = kernels_for(np)  # the NumPy overrides; array_api_compat.numpy wraps the same arrays
+_kernels = kernels_for(compat_numpy)  # the NumPy overrides, shared with the functional core
 
 
 def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
