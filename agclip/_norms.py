@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ._kernels import Kernels
+from ._kernels import Kernels, quiet
 
 
 def norm_of_leaves(k: Kernels, leaves: Sequence[Any], p: float) -> Any:
@@ -38,6 +38,12 @@ def norm_of_leaves(k: Kernels, leaves: Sequence[Any], p: float) -> Any:
 
 
 def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: float) -> Any:
-    """min(1, max_norm / (norm + eps)), branch-free, in the norm's dtype."""
+    """min(1, max_norm / (norm + eps)), branch-free, in the norm's dtype.
+
+    The denominator is floored at the dtype's smallest normal number, so a
+    zero norm with ``eps=0`` gives 1 (or 0 for ``max_norm=0``), never NaN.
+    """
     xp = k.xp
-    return xp.minimum(xp.ones_like(norm), max_norm / (norm + eps))
+    floor = xp.full_like(norm, float(xp.finfo(norm.dtype).smallest_normal))
+    with quiet():  # max_norm / floor may overflow to inf, which min() turns into 1
+        return xp.minimum(xp.ones_like(norm), max_norm / xp.maximum(norm + eps, floor))

@@ -1,0 +1,96 @@
+"""Every backend kernel override agrees with the generic array-API kernels."""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat.numpy
+import numpy as np
+import pytest
+
+from agclip._kernels import BLOCK, Kernels, kernels_for
+
+# Sizes straddle the block sizes (rows, tails, the small/large split).
+SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK + 1, (1 << 16) + 3]
+
+
+def _leaves(make, dtype):
+    rng = np.random.default_rng(0)
+    return [make(rng.standard_normal(n) * (i + 1), dtype) for i, n in enumerate(SIZES)]
+
+
+def _lib_cases():
+    cases = [pytest.param("numpy", id="numpy")]
+    for lib in ("torch", "jax"):
+        cases.append(
+            pytest.param(lib, id=lib, marks=pytest.mark.skipif(
+                __import__("importlib").util.find_spec(lib) is None, reason=f"{lib} not installed"))
+        )
+    return cases
+
+
+def _maker(lib):
+    if lib == "numpy":
+        return array_api_compat.numpy, lambda v, d: v.astype(d)
+    if lib == "torch":
+        import torch
+        from array_api_compat import torch as compat_torch
+
+        return compat_torch, lambda v, d: torch.from_numpy(v).to(getattr(torch, d))
+    import jax.numpy as jnp
+
+    return jnp, lambda v, d: jnp.asarray(v, dtype=getattr(jnp, d))
+
+
+def _f64(x):
+    return float(np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float64))
+
+
+@pytest.mark.parametrize("lib", _lib_cases())
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_sum_of_powers_override_matches_generic(lib, p, dtype):
+    xp, make = _maker(lib)
+    fast, generic = kernels_for(xp), Kernels(xp)
+    assert type(fast) is not Kernels, "this library should have an override"
+    leaves = _leaves(make, dtype)
+    acc = fast.accumulator(leaves)
+    want = _f64(generic.sum_of_powers(leaves, p, acc))
+    assert math.isclose(_f64(fast.sum_of_powers(leaves, p, acc)), want, rel_tol=1e-6)
+    scale = xp.asarray(0.25, dtype=acc)
+    want_scaled = _f64(generic.sum_of_powers(leaves, p, acc, scale=scale))
+    got_scaled = _f64(fast.sum_of_powers(leaves, p, acc, scale=scale))
+    assert math.isclose(got_scaled, want_scaled, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("lib", _lib_cases())
+def test_max_abs_and_guard_overrides_match_generic(lib):
+    xp, make = _maker(lib)
+    fast, generic = kernels_for(xp), Kernels(xp)
+    leaves = _leaves(make, "float32")
+    acc = fast.accumulator(leaves)
+    assert _f64(fast.max_abs(leaves, acc)) == _f64(generic.max_abs(leaves, acc))
+    finite, infinite = xp.asarray(2.0, dtype=acc), xp.asarray(math.inf, dtype=acc)
+    fallback = lambda: xp.asarray(7.0, dtype=acc)  # noqa: E731
+    for value in (finite, infinite):
+        assert _f64(fast.if_not_finite(value, fallback)) == _f64(generic.if_not_finite(value, fallback))
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("factor", [0.37, 1.0])
+def test_in_place_scale_override_matches_generic(lib, dtype, factor):
+    pytest.importorskip(lib)
+    xp, make = _maker(lib)
+    fast, generic = kernels_for(xp), Kernels(xp)
+    ours, theirs = _leaves(make, dtype), _leaves(make, dtype)
+    fast.scale_(ours, xp.asarray(factor, dtype=xp.float64))
+    generic.scale_(theirs, xp.asarray(factor, dtype=xp.float64))
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_numpy_scale_writes_nothing_when_factor_is_one():
+    leaf = np.ones(4, dtype=np.float32)
+    leaf.flags.writeable = False  # any write would raise
+    kernels_for(array_api_compat.numpy).scale_([leaf], np.asarray(1.0))

@@ -1,0 +1,15 @@
+"""`import agclip` must not import any framework (after array-api-compat's test)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_import_agclip_imports_no_framework():
+    code = (
+        "import sys, agclip, agclip.backends, agclip.backends.numpy;"
+        "print(sorted(m for m in ('torch', 'jax', 'array_api_strict', 'optax') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

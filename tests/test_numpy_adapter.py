@@ -1,0 +1,87 @@
+"""agclip.backends.numpy: in place on lists of ndarrays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import agclip
+from agclip.backends.numpy import clip_by_global_norm_, clip_by_value_
+
+
+def grads(seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s).astype(dtype) for s in [(64, 32), (32,), (5, 5, 5)]]
+
+
+@pytest.mark.parametrize("ord", [2, 1, math.inf, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_in_place_matches_functional_core(ord, dtype):
+    arrays = grads(dtype=dtype)
+    want, want_norm = agclip.clip_by_global_norm(arrays, 2.0, ord=ord)
+    ids = [id(a) for a in arrays]
+    norm = clip_by_global_norm_(arrays + [None], 2.0, ord=ord)
+    assert isinstance(norm, float)
+    assert math.isclose(norm, float(want_norm), rel_tol=1e-6)
+    assert [id(a) for a in arrays] == ids
+    for got, w in zip(arrays, want, strict=True):
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, w, rtol=1e-3 if dtype == np.float16 else 1e-6)
+
+
+def test_nothing_is_written_when_no_clipping_is_needed():
+    arrays = grads()
+    for a in arrays:
+        a.flags.writeable = False
+    with pytest.raises(ValueError, match=r"arrays\[0\] is read-only"):
+        clip_by_global_norm_(arrays, 1.0)  # would need to write
+    for a in arrays:
+        a.flags.writeable = True
+    before = [a.copy() for a in arrays]
+    big = float(agclip.global_norm(arrays)) * 2
+    clip_by_global_norm_(arrays, big)
+    for a, b in zip(arrays, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_huge_finite_values_are_clipped_not_zeroed():
+    arrays = [np.full(10, 1e20, dtype=np.float32)]
+    norm = clip_by_global_norm_(arrays, 1.0)
+    assert math.isclose(norm, math.sqrt(10) * 1e20, rel_tol=1e-6)
+    np.testing.assert_allclose(arrays[0], np.full(10, 1 / math.sqrt(10)), rtol=1e-6)
+
+
+def test_clip_by_value_in_place():
+    arrays = [np.array([-5.0, 0.5, 5.0], dtype=np.float32), None]
+    clip_by_value_(arrays, 1.0)
+    np.testing.assert_array_equal(arrays[0], [-1.0, 0.5, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "kwargs", "error", "match"),
+    [
+        (lambda: [np.ones(3, np.float32)], {"max_norm": -1.0}, ValueError, "max_norm"),
+        (lambda: [np.ones(3, np.float32)], {"max_norm": math.nan}, ValueError, "max_norm"),
+        (lambda: [np.ones(3, np.float32)], {"max_norm": 1.0, "ord": 0}, ValueError, "ord"),
+        (lambda: [np.ones(3, np.float32), np.ones(2, int)], {"max_norm": 1.0}, TypeError,
+         r"arrays\[1\] has dtype int"),
+        (lambda: [np.ones(3, np.float32), [1.0]], {"max_norm": 1.0}, TypeError,
+         r"arrays\[1\] is a list"),
+    ],
+)
+def test_bad_input_raises_before_anything_is_modified(arrays, kwargs, error, match):
+    arrays = arrays()
+    first = arrays[0].copy() * 100
+    arrays[0][...] = first
+    with pytest.raises(error, match=match):
+        clip_by_global_norm_(arrays, **kwargs)
+    np.testing.assert_array_equal(arrays[0], first)
+
+
+def test_clip_by_value_rejects_bad_clip_value_untouched():
+    arrays = [np.array([5.0])]
+    with pytest.raises(ValueError, match="clip_value"):
+        clip_by_value_(arrays, -1.0)
+    assert arrays[0][0] == 5.0
