@@ -25,7 +25,7 @@ def check_threshold(name: str, value: Any) -> Any:
     Arrays (for example a traced schedule under ``jax.jit``) pass through
     unchecked: checking them would need a device sync.
     """
-    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+    if isinstance(value, (bool, str, bytes)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if is_concrete_number(value):
         number = float(value)

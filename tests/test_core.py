@@ -30,8 +30,11 @@ def sample(shape, seed, scale=1.0):
 def test_global_norm_matches_float64_reference(backend, ord, dtype):
     backend.require(dtype)
     values = [sample((3, 4), 0), sample(7, 1), sample((2, 2, 2), 2)]
-    tree = {"w": [backend.asarray(values[0], dtype), None], "b": backend.asarray(values[1], dtype),
-            "c": (backend.asarray(values[2], dtype),)}
+    tree = {
+        "w": [backend.asarray(values[0], dtype), None],
+        "b": backend.asarray(values[1], dtype),
+        "c": (backend.asarray(values[2], dtype),),
+    }
     cast = [np.asarray(v, dtype) for v in values]
     norm = backend.call(agclip.global_norm, tree, ord=ord)
     assert_close(norm, reference_norm(cast, ord), backend, dtype=dtype, rtol=2e-6)
@@ -67,7 +70,9 @@ def test_clip_by_global_norm_scales_to_max_norm(backend, ord):
 
 def test_clip_by_global_norm_leaves_small_gradients_unchanged(backend):
     values = [sample(6, 5, scale=0.01)]
-    clipped, _ = backend.call(agclip.clip_by_global_norm, [backend.asarray(values[0])], max_norm=1.0)
+    clipped, _ = backend.call(
+        agclip.clip_by_global_norm, [backend.asarray(values[0])], max_norm=1.0
+    )
     assert_close(clipped[0], np.float32(values[0]), backend, dtype="float32", rtol=1e-7)
 
 
@@ -110,7 +115,7 @@ def test_nonfinite_gradients_give_nonfinite_norm(backend, bad, want, ord):
     grads = [backend.asarray([1.0, bad, 2.0]), backend.asarray([1e20])]
     norm = backend.call(agclip.global_norm, grads, ord=ord)
     got = backend.to_numpy(norm)
-    assert (np.isnan(got) if np.isnan(want) else got == want), got
+    assert np.isnan(got) if np.isnan(want) else got == want, got
 
 
 def test_empty_tree_and_none_leaves_give_zero_norm(backend):
@@ -125,7 +130,12 @@ def test_empty_tree_and_none_leaves_give_zero_norm(backend):
 
 def test_tree_structure_is_kept(backend):
     Pair = collections.namedtuple("Pair", "w b")
-    tree = {"layers": [Pair(backend.asarray([3.0]), None), Pair(backend.asarray([4.0]), backend.asarray([0.0]))]}
+    tree = {
+        "layers": [
+            Pair(backend.asarray([3.0]), None),
+            Pair(backend.asarray([4.0]), backend.asarray([0.0])),
+        ]
+    }
     clipped, norm = backend.call(agclip.clip_by_global_norm, tree, max_norm=1.0)
     assert isinstance(clipped["layers"][0], Pair) and clipped["layers"][0].b is None
     assert_close(norm, 5.0, backend, dtype="float32")
@@ -178,8 +188,10 @@ def test_all_finite_and_zero_nonfinite(backend):
 
 @pytest.mark.skip_backends("jax_jit", reason="nonfinite_paths reads values on the host")
 def test_nonfinite_paths_names_the_leaves(backend):
-    tree = {"layers": [backend.asarray([1.0]), {"a": backend.asarray([np.nan])}],
-            "head": backend.asarray([np.inf])}
+    tree = {
+        "layers": [backend.asarray([1.0]), {"a": backend.asarray([np.nan])}],
+        "head": backend.asarray([np.inf]),
+    }
     assert agclip.nonfinite_paths(tree) == ["['head']", "['layers'][1]['a']"]
     assert agclip.nonfinite_paths(backend.asarray([np.nan])) == ["<root>"]
 
@@ -188,8 +200,11 @@ def test_nonfinite_paths_names_the_leaves(backend):
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, -math.inf])
 def test_bad_max_norm_is_a_value_error_naming_it(backend, bad):
     grads = [backend.asarray([1.0])]
-    for fn, name in ((agclip.clip_by_global_norm, "max_norm"), (agclip.clip_by_norm, "max_norm"),
-                     (agclip.clip_by_value, "clip_value")):
+    for fn, name in (
+        (agclip.clip_by_global_norm, "max_norm"),
+        (agclip.clip_by_norm, "max_norm"),
+        (agclip.clip_by_value, "clip_value"),
+    ):
         with pytest.raises(ValueError, match=name):
             fn(grads, bad)
 

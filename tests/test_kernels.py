@@ -23,8 +23,14 @@ def _lib_cases():
     cases = [pytest.param("numpy", id="numpy")]
     for lib in ("torch", "jax"):
         cases.append(
-            pytest.param(lib, id=lib, marks=pytest.mark.skipif(
-                __import__("importlib").util.find_spec(lib) is None, reason=f"{lib} not installed"))
+            pytest.param(
+                lib,
+                id=lib,
+                marks=pytest.mark.skipif(
+                    __import__("importlib").util.find_spec(lib) is None,
+                    reason=f"{lib} not installed",
+                ),
+            )
         )
     return cases
 
@@ -73,7 +79,9 @@ def test_max_abs_and_guard_overrides_match_generic(lib):
     finite, infinite = xp.asarray(2.0, dtype=acc), xp.asarray(math.inf, dtype=acc)
     fallback = lambda: xp.asarray(7.0, dtype=acc)  # noqa: E731
     for value in (finite, infinite):
-        assert _f64(fast.if_not_finite(value, fallback)) == _f64(generic.if_not_finite(value, fallback))
+        assert _f64(fast.if_not_finite(value, fallback)) == _f64(
+            generic.if_not_finite(value, fallback)
+        )
 
 
 @pytest.mark.parametrize("lib", ["numpy", "torch"])

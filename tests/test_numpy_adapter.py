@@ -22,7 +22,7 @@ def test_in_place_matches_functional_core(ord, dtype):
     arrays = grads(dtype=dtype)
     want, want_norm = agclip.clip_by_global_norm(arrays, 2.0, ord=ord)
     ids = [id(a) for a in arrays]
-    norm = clip_by_global_norm_(arrays + [None], 2.0, ord=ord)
+    norm = clip_by_global_norm_([*arrays, None], 2.0, ord=ord)
     assert isinstance(norm, float)
     assert math.isclose(norm, float(want_norm), rel_tol=1e-6)
     assert [id(a) for a in arrays] == ids
@@ -65,10 +65,18 @@ def test_clip_by_value_in_place():
         (lambda: [np.ones(3, np.float32)], {"max_norm": -1.0}, ValueError, "max_norm"),
         (lambda: [np.ones(3, np.float32)], {"max_norm": math.nan}, ValueError, "max_norm"),
         (lambda: [np.ones(3, np.float32)], {"max_norm": 1.0, "ord": 0}, ValueError, "ord"),
-        (lambda: [np.ones(3, np.float32), np.ones(2, int)], {"max_norm": 1.0}, TypeError,
-         r"arrays\[1\] has dtype int"),
-        (lambda: [np.ones(3, np.float32), [1.0]], {"max_norm": 1.0}, TypeError,
-         r"arrays\[1\] is a list"),
+        (
+            lambda: [np.ones(3, np.float32), np.ones(2, int)],
+            {"max_norm": 1.0},
+            TypeError,
+            r"arrays\[1\] has dtype int",
+        ),
+        (
+            lambda: [np.ones(3, np.float32), [1.0]],
+            {"max_norm": 1.0},
+            TypeError,
+            r"arrays\[1\] is a list",
+        ),
     ],
 )
 def test_bad_input_raises_before_anything_is_modified(arrays, kwargs, error, match):

@@ -20,9 +20,9 @@ SETTINGS = settings(
 # zeros). Smaller values have p-th powers that underflow float32 accumulators:
 # a norm below ~1e-19 reads as 0 (documented; it never changes a clip).
 magnitudes = st.integers(min_value=-8, max_value=15).map(lambda k: 10.0**k)
-arrays = st.lists(
-    st.floats(-1.0, 1.0, allow_nan=False, width=32), min_size=1, max_size=40
-).map(lambda xs: np.asarray([x if abs(x) >= 1e-4 else 0.0 for x in xs], dtype=np.float32))
+arrays = st.lists(st.floats(-1.0, 1.0, allow_nan=False, width=32), min_size=1, max_size=40).map(
+    lambda xs: np.asarray([x if abs(x) >= 1e-4 else 0.0 for x in xs], dtype=np.float32)
+)
 grad_lists = st.tuples(st.lists(arrays, min_size=1, max_size=4), magnitudes).map(
     lambda t: [(a * np.float32(t[1])).astype(np.float32) for a in t[0]]
 )
@@ -51,15 +51,17 @@ def test_clipping_is_bounded_and_keeps_direction(backend, grads, max_norm, p):
         np.testing.assert_allclose(got, g.astype(np.float64) * coef, rtol=2e-6, atol=1e-37)
 
 
-
 @SETTINGS
 @given(grads=grad_lists, max_norm=max_norms.filter(lambda m: m > 0), p=ords)
 def test_clipping_twice_equals_clipping_once(backend, grads, max_norm, p):
     # With eps > 0 a second clip shrinks by another eps/max_norm (torch's rule
     # too), so idempotence is a property of eps=0.
     once, _ = backend.call(
-        agclip.clip_by_global_norm, [backend.asarray(g) for g in grads], max_norm=max_norm,
-        ord=p, eps=0.0,
+        agclip.clip_by_global_norm,
+        [backend.asarray(g) for g in grads],
+        max_norm=max_norm,
+        ord=p,
+        eps=0.0,
     )
     twice, _ = backend.call(agclip.clip_by_global_norm, once, max_norm=max_norm, ord=p, eps=0.0)
     for a, b in zip(twice, once, strict=True):

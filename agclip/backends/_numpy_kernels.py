@@ -30,10 +30,10 @@ class NumpyKernels(Kernels):
         total = 0.0  # Python float: partial sums combine in float64
         with quiet():
             for leaf in leaves:
-                total += self._leaf_sum(np.asarray(leaf), p, scale)
+                total += self._array_sum(np.asarray(leaf), p, scale)
         return np.asarray(total, dtype=acc)
 
-    def _leaf_sum(self, x: np.ndarray, p: float, scale: Any) -> float:
+    def _array_sum(self, x: np.ndarray, p: float, scale: Any) -> float:
         flat = x.reshape(-1)
         work = _work_dtype(x)
         if p == 2 and scale is None and x.dtype == work:
@@ -41,8 +41,8 @@ class NumpyKernels(Kernels):
                 float(np.dot(block, block))
                 for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))
             )
-        factor = None if scale is None else np.asarray(scale, dtype=work)
-        buf = np.empty(min(flat.size, NP_BLOCK), dtype=work)
+        factor: np.ndarray | None = None if scale is None else np.asarray(scale, dtype=work)
+        buf: np.ndarray = np.empty(min(flat.size, NP_BLOCK), dtype=work)
         total = 0.0
         for start in range(0, flat.size, NP_BLOCK):
             block = flat[start : start + NP_BLOCK]
@@ -63,5 +63,5 @@ class NumpyKernels(Kernels):
             return
         with quiet():
             for leaf in leaves:
-                work = np.asarray(factor, dtype=_work_dtype(leaf))
+                work: np.ndarray = np.asarray(factor, dtype=_work_dtype(leaf))
                 np.multiply(leaf, work, out=leaf, casting="same_kind")

@@ -78,10 +78,10 @@ class TorchKernels(Kernels):
 
     def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         if p in (1.0, 2.0):
-            norms = torch._foreach_norm(group, p, dtype=acc)
+            norms = list(torch._foreach_norm(group, p, dtype=acc))
         else:
             norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
-        return torch.stack(list(norms)).pow(p).sum()
+        return torch.stack(norms).pow(p).sum()
 
     def max_abs(self, leaves: Sequence[Any], acc: Any) -> Any:
         parts = [

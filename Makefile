@@ -1,0 +1,36 @@
+# Every target does its own set-up: a fresh machine needs only python3.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup test lint typecheck pytest demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check agclip tests benchmarks examples
+	$(BIN)/ruff format --check agclip tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest
+
+# Lint, type checks, then the whole suite on every installed backend.
+test: lint typecheck pytest
+
+demo: $(STAMP)
+	$(BIN)/python examples/backend_tour.py
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_numpy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
