@@ -1,0 +1,77 @@
+"""Shared benchmark helpers: GPT-2-small parameter shapes, timing, reporting."""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """The 148 parameter shapes of GPT-2 small (124,439,808 values)."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,)]  # ln_1, attn
+        shapes += [(d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]  # ln_2, mlp
+    shapes += [(d,), (d,)]  # ln_f
+    return shapes
+
+
+def many_small_shapes() -> list[tuple[int, ...]]:
+    """2,000 tensors of 1,000 values: where per-call overhead dominates."""
+    return [(1000,)] * 2000
+
+
+def make_grads(shapes: list[tuple[int, ...]], seed: int = 0, scale: float = 1e-3):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s, dtype=np.float32) * np.float32(scale) for s in shapes]
+
+
+def reference_norm(arrays) -> float:
+    """float64 global 2-norm."""
+    total = 0.0
+    for a in arrays:
+        wide = np.asarray(a, dtype=np.float64).ravel()
+        total += float(np.dot(wide, wide))
+    return math.sqrt(total)
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    repeats: int = 7,
+    setup: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, float]:
+    """Median seconds per case, runs interleaved so machine noise hits all alike.
+
+    ``setup[name]``, when given, runs untimed before each run of that case
+    (for example to restore gradients that a case clips in place).
+    """
+    setup = setup or {}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, fn in cases.items():
+            if name in setup:
+                setup[name]()
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
