@@ -7,12 +7,36 @@ from typing import Any
 import numpy as np
 
 from ._checks import check_eps, check_ord, check_threshold, flatten_arrays
+from ._kernels import Kernels
 from ._norms import clip_coefficient, norm_of_leaves
 
 
 def _empty_norm() -> Any:
     # No leaves, so no library to answer in: a NumPy 0-d float32 zero.
     return np.zeros((), dtype=np.float32)
+
+
+# The array work of each public function, run through ``Kernels.run`` (which
+# compiles it on JAX). Arguments are validated before these are called.
+def _global_norm(k: Kernels, leaves: list[Any], *, p: float) -> Any:
+    return k.xp.astype(norm_of_leaves(k, leaves, p), k.result_dtype(leaves))
+
+
+def _clip_global(k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: float) -> Any:
+    norm = norm_of_leaves(k, leaves, p)
+    clipped = k.scale(leaves, clip_coefficient(k, norm, max_norm, eps))
+    return clipped, k.xp.astype(norm, k.result_dtype(leaves))
+
+
+def _clip_each(k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: float) -> Any:
+    return [
+        k.scale([leaf], clip_coefficient(k, norm_of_leaves(k, [leaf], p), max_norm, eps))[0]
+        for leaf in leaves
+    ]
+
+
+def _clip_values(k: Kernels, leaves: list[Any], clip_value: Any) -> Any:
+    return [k.xp.clip(leaf, -clip_value, clip_value) for leaf in leaves]
 
 
 def global_norm(tree: Any, *, ord: float = 2) -> Any:
@@ -46,8 +70,7 @@ def global_norm(tree: Any, *, ord: float = 2) -> Any:
     flat, k = flatten_arrays(tree)
     if k is None:
         return _empty_norm()
-    norm = norm_of_leaves(k, flat.leaves, p)
-    return k.xp.astype(norm, k.result_dtype(flat.leaves))
+    return k.run(_global_norm, flat.leaves, p=p)
 
 
 def clip_by_global_norm(
@@ -84,9 +107,8 @@ def clip_by_global_norm(
     flat, k = flatten_arrays(tree)
     if k is None:
         return tree, _empty_norm()
-    norm = norm_of_leaves(k, flat.leaves, p)
-    clipped = k.scale(flat.leaves, clip_coefficient(k, norm, max_norm, eps))
-    return flat.unflatten(clipped), k.xp.astype(norm, k.result_dtype(flat.leaves))
+    clipped, norm = k.run(_clip_global, flat.leaves, max_norm, p=p, eps=eps)
+    return flat.unflatten(clipped), norm
 
 
 def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6) -> Any:
@@ -115,11 +137,7 @@ def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6)
     flat, k = flatten_arrays(tree)
     if k is None:
         return tree
-    clipped = [
-        k.scale([leaf], clip_coefficient(k, norm_of_leaves(k, [leaf], p), max_norm, eps))[0]
-        for leaf in flat.leaves
-    ]
-    return flat.unflatten(clipped)
+    return flat.unflatten(k.run(_clip_each, flat.leaves, max_norm, p=p, eps=eps))
 
 
 def clip_by_value(tree: Any, clip_value: Any) -> Any:
@@ -145,5 +163,4 @@ def clip_by_value(tree: Any, clip_value: Any) -> Any:
     flat, k = flatten_arrays(tree)
     if k is None:
         return tree
-    xp = k.xp
-    return flat.unflatten([xp.clip(leaf, -clip_value, clip_value) for leaf in flat.leaves])
+    return flat.unflatten(k.run(_clip_values, flat.leaves, clip_value))

@@ -110,6 +110,10 @@ class Kernels:
         return xp.stack([compat.to_device(part, device) for part in parts])
 
     # -- control flow -----------------------------------------------------
+    def run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
+        """``fn(self, *arrays, **static)``; JAX compiles it (once per options and shapes)."""
+        return fn(self, *arrays, **static)
+
     def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
         """``value`` where finite, else ``fallback()``; branch-free generic version."""
         xp = self.xp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import cache, partial
 from typing import Any
 
 import jax
@@ -19,8 +20,18 @@ class JaxKernels(Kernels):
     def gather(self, parts: Sequence[Any]) -> Any:
         return jnp.stack(list(parts))
 
+    def run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
+        # Eager calls run compiled too: op-by-op dispatch and an eager lax.cond
+        # cost ~1 s per call; jit caches per tree structure, shapes and dtypes.
+        return _compiled(fn, self, tuple(sorted(static.items())))(*arrays)
+
     def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
         return jax.lax.cond(jnp.isfinite(value), lambda: value, fallback)
 
     def _to_device_of(self, value: Any, like: Any) -> Any:
         return value  # XLA places scalars; tracers have no device to ask
+
+
+@cache
+def _compiled(fn: Callable[..., Any], kernels: Kernels, static: tuple) -> Callable[..., Any]:
+    return jax.jit(partial(fn, kernels, **dict(static)))
