@@ -1,0 +1,151 @@
+"""GradientClipCallback: clip after every backward pass, and warn early about bad gradients."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .._checks import check_threshold
+from ._torch_grads import (
+    collect_grads,
+    empty_norm,
+    nonfinite_labels,
+    norm_type_arg,
+    result_norm,
+    scale_grads_,
+    total_norm_of,
+)
+
+
+class NonFiniteGradientWarning(RuntimeWarning):
+    """Gradients held NaN or inf at a step (the callback names the parameters)."""
+
+
+class GradientClipCallback:
+    """Clip a model's gradients after each backward pass and keep statistics.
+
+    Call :meth:`set_model` once, then :meth:`on_after_backward` after every
+    ``loss.backward()`` (after ``scaler.unscale_(optimizer)`` with AMP) and
+    before ``optimizer.step()``.
+
+    It is also an early-warning system: when gradients go non-finite it names
+    the parameters (``head.weight``) in a :class:`NonFiniteGradientWarning`, or
+    raises ``RuntimeError`` before touching anything with
+    ``error_if_nonfinite=True``. On CPU the check is free. On other devices it
+    reads one flag every ``check_every`` steps (default 1); raise it to avoid a
+    per-step host sync: the flag accumulates on the device in between.
+
+    Statistics (``steps``, ``clipped_steps``, ``clip_rate``, ``last_norm``)
+    accumulate on the device; reading them syncs, stepping does not.
+
+    Args:
+        max_norm: the largest total gradient norm allowed.
+        norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
+        error_if_nonfinite: raise instead of warning on NaN/inf gradients.
+        warn_nonfinite: warn on NaN/inf gradients (set False under a
+            ``GradScaler``, which expects and skips such steps itself).
+        check_every: off-CPU, how many steps between non-finite checks.
+        foreach: passed to the scale kernels, as in ``clip_grad_norm_``.
+
+    Example:
+        >>> import torch
+        >>> from agclip.backends.torch import GradientClipCallback
+        >>> model = torch.nn.Linear(4, 2)
+        >>> cb = GradientClipCallback(max_norm=1.0)
+        >>> cb.set_model(model)
+        >>> model(torch.randn(8, 4)).pow(2).sum().mul(100).backward()
+        >>> norm = cb.on_after_backward()
+        >>> cb.steps, cb.clipped_steps
+        (1, 1)
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+
+    def __init__(
+        self,
+        max_norm: float = 5.0,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+        *,
+        warn_nonfinite: bool = True,
+        check_every: int = 1,
+        foreach: bool | None = None,
+    ):
+        self.max_norm = check_threshold("max_norm", max_norm)
+        self.norm_type = norm_type_arg(norm_type)
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+        self.error_if_nonfinite = error_if_nonfinite
+        self.warn_nonfinite = warn_nonfinite
+        self.check_every = check_every
+        self.foreach = foreach
+        self._params: list[torch.nn.Parameter] = []
+        self._names: list[str] = []
+        self.steps = 0
+        self._clipped: Any = 0
+        self._nonfinite: Any = False
+        self.last_norm: torch.Tensor | None = None
+
+    def set_model(self, model: torch.nn.Module) -> GradientClipCallback:
+        """Clip this model's parameters (named as in ``model.named_parameters()``)."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = list(model.named_parameters())
+        self._names = [name for name, _ in named]
+        self._params = [param for _, param in named]
+        return self
+
+    def on_after_backward(self) -> torch.Tensor:
+        """Clip the gradients in place; returns the pre-clip total norm."""
+        if not self._names:
+            raise RuntimeError("call set_model(model) before on_after_backward()")
+        grads, labels = collect_grads(self._params, self._names)
+        self.steps += 1
+        if not grads:
+            self.last_norm = empty_norm()
+            return self.last_norm
+        norm = total_norm_of(grads, labels, self.norm_type, self.error_if_nonfinite)
+        self._clipped = self._clipped + (norm > self.max_norm)
+        self._nonfinite = self._nonfinite | ~torch.isfinite(norm)
+        if self.warn_nonfinite and self._should_check(norm):
+            self._warn_if_nonfinite(grads, labels)
+        scale_grads_(grads, self.max_norm, norm, self.foreach)
+        self.last_norm = result_norm(norm, grads)
+        return self.last_norm
+
+    def _should_check(self, norm: torch.Tensor) -> bool:
+        return norm.device.type == "cpu" or self.steps % self.check_every == 0
+
+    def _warn_if_nonfinite(self, grads: list[torch.Tensor], labels: list[str]) -> None:
+        if not bool(self._nonfinite):
+            return
+        self._nonfinite = False
+        bad = nonfinite_labels(grads, labels) or ["(none at this step; earlier since last check)"]
+        warnings.warn(
+            f"non-finite gradients at step {self.steps} in: {', '.join(bad)}",
+            NonFiniteGradientWarning,
+            stacklevel=3,
+        )
+
+    @property
+    def clipped_steps(self) -> int:
+        """How many steps had a norm above ``max_norm`` (reading it syncs)."""
+        return int(self._clipped)
+
+    @property
+    def clip_rate(self) -> float:
+        """The share of steps that clipped (reading it syncs)."""
+        return self.clipped_steps / self.steps if self.steps else 0.0
+
+    def stats(self) -> dict[str, float | int | None]:
+        """Steps, clipped steps, clip rate and last norm, as Python numbers."""
+        return {
+            "steps": self.steps,
+            "clipped_steps": self.clipped_steps,
+            "clip_rate": self.clip_rate,
+            "last_norm": None if self.last_norm is None else float(self.last_norm),
+        }

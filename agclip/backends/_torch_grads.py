@@ -1,0 +1,102 @@
+"""Shared by the PyTorch adapter and its callback: collecting gradients, the total
+norm with a clear non-finite error, and the in-place scale."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from array_api_compat import torch as compat_torch
+
+from .._checks import check_ord
+from .._kernels import kernels_for
+from .._norms import clip_coefficient, norm_of_leaves
+from ._torch_kernels import TorchKernels
+
+TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
+EPS = 1e-6  # torch's
+
+
+def _kernels() -> TorchKernels:
+    kernels = kernels_for(compat_torch)
+    assert isinstance(kernels, TorchKernels)
+    return kernels
+
+
+def norm_type_arg(norm_type: Any) -> float:
+    try:
+        value = float(norm_type)  # torch accepts "inf" and ints
+    except (TypeError, ValueError):
+        raise ValueError(f"norm_type must be a number > 0 or 'inf', got {norm_type!r}") from None
+    return check_ord(value, name="norm_type")
+
+
+def as_list(tensors: TensorOrTensors) -> list[Any]:
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def check_tensor(tensor: Any, label: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{label} is a {type(tensor).__name__}, not a torch.Tensor")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{label} has dtype {tensor.dtype}; gradients must be floating point")
+
+
+def collect_grads(
+    parameters: TensorOrTensors, names: list[str] | None = None
+) -> tuple[list[torch.Tensor], list[str]]:
+    """The ``.grad`` of each parameter that has one, with a label for messages."""
+    grads, labels = [], []
+    for index, param in enumerate(as_list(parameters)):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
+        if param.grad is None:
+            continue
+        label = names[index] if names else f"parameters[{index}] (shape {tuple(param.shape)})"
+        check_tensor(param.grad, f"the gradient of {label}")
+        grads.append(param.grad)
+        labels.append(label)
+    return grads, labels
+
+
+def result_norm(norm: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    wide = any(g.dtype == torch.float64 for g in grads)
+    return norm.to(torch.float64 if wide else torch.float32)
+
+
+def empty_norm() -> torch.Tensor:
+    return torch.tensor(0.0)
+
+
+def nonfinite_labels(grads: list[torch.Tensor], labels: list[str]) -> list[str]:
+    """Labels of the gradients holding NaN or inf (reads values: syncs)."""
+    return [label for g, label in zip(grads, labels, strict=True) if not bool(g.isfinite().all())]
+
+
+def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: list[str]) -> None:
+    if bool(torch.isfinite(norm)):
+        return
+    bad = nonfinite_labels(grads, labels)
+    raise RuntimeError(
+        f"The total norm of the gradients is {float(norm)}; non-finite gradients in: "
+        f"{', '.join(bad) or 'none (the norm itself overflowed)'}. Nothing was clipped. "
+        "Set error_if_nonfinite=False to clip anyway (non-finite values then stay non-finite)."
+    )
+
+
+def total_norm_of(
+    grads: list[torch.Tensor], labels: list[str], p: float, error_if_nonfinite: bool
+) -> torch.Tensor:
+    """The accurate total norm (accumulator dtype); raises before anything is touched."""
+    norm = norm_of_leaves(_kernels(), grads, p)
+    if error_if_nonfinite:
+        _raise_if_nonfinite(norm, grads, labels)
+    return norm
+
+
+def scale_grads_(
+    grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor, foreach: bool | None
+) -> None:
+    kernels = _kernels()
+    kernels.scale_(grads, clip_coefficient(kernels, norm, max_norm, EPS), foreach=foreach)
