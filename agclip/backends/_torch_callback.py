@@ -9,6 +9,7 @@ import torch
 
 from .._checks import check_threshold
 from ._torch_grads import (
+    Labels,
     collect_grads,
     empty_norm,
     nonfinite_labels,
@@ -120,7 +121,7 @@ class GradientClipCallback:
     def _should_check(self, norm: torch.Tensor) -> bool:
         return norm.device.type == "cpu" or self.steps % self.check_every == 0
 
-    def _warn_if_nonfinite(self, grads: list[torch.Tensor], labels: list[str]) -> None:
+    def _warn_if_nonfinite(self, grads: list[torch.Tensor], labels: Labels) -> None:
         if not bool(self._nonfinite):
             return
         self._nonfinite = False

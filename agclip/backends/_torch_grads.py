@@ -43,21 +43,44 @@ def check_tensor(tensor: Any, label: str) -> None:
         raise TypeError(f"{label} has dtype {tensor.dtype}; gradients must be floating point")
 
 
+class Labels:
+    """Names of the gradients for messages, built only when a message needs one
+    (formatting thousands of labels per step would cost more than the clip)."""
+
+    def __init__(
+        self,
+        owners: list[torch.Tensor],
+        indices: list[int],
+        names: list[str] | None = None,
+        kind: str = "parameters",
+    ):
+        self._owners, self._indices, self._names, self._kind = owners, indices, names, kind
+
+    def __getitem__(self, position: int) -> str:
+        index = self._indices[position]
+        if self._names:
+            return self._names[index]
+        return f"{self._kind}[{index}] (shape {tuple(self._owners[index].shape)})"
+
+
 def collect_grads(
     parameters: TensorOrTensors, names: list[str] | None = None
-) -> tuple[list[torch.Tensor], list[str]]:
-    """The ``.grad`` of each parameter that has one, with a label for messages."""
-    grads, labels = [], []
-    for index, param in enumerate(as_list(parameters)):
+) -> tuple[list[torch.Tensor], Labels]:
+    """The ``.grad`` of each parameter that has one, and their labels for messages."""
+    params = as_list(parameters)
+    grads, indices = [], []
+    for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
-        if param.grad is None:
+        grad = param.grad
+        if grad is None:
             continue
-        label = names[index] if names else f"parameters[{index}] (shape {tuple(param.shape)})"
-        check_tensor(param.grad, f"the gradient of {label}")
-        grads.append(param.grad)
-        labels.append(label)
-    return grads, labels
+        if not grad.is_floating_point():
+            label = Labels(params, [index], names)[0]
+            raise TypeError(f"the gradient of {label} has dtype {grad.dtype}; need floating point")
+        grads.append(grad)
+        indices.append(index)
+    return grads, Labels(params, indices, names)
 
 
 def result_norm(norm: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -69,12 +92,12 @@ def empty_norm() -> torch.Tensor:
     return torch.tensor(0.0)
 
 
-def nonfinite_labels(grads: list[torch.Tensor], labels: list[str]) -> list[str]:
+def nonfinite_labels(grads: list[torch.Tensor], labels: Labels) -> list[str]:
     """Labels of the gradients holding NaN or inf (reads values: syncs)."""
-    return [label for g, label in zip(grads, labels, strict=True) if not bool(g.isfinite().all())]
+    return [labels[i] for i, g in enumerate(grads) if not bool(g.isfinite().all())]
 
 
-def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: list[str]) -> None:
+def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: Labels) -> None:
     if bool(torch.isfinite(norm)):
         return
     bad = nonfinite_labels(grads, labels)
@@ -86,7 +109,7 @@ def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: l
 
 
 def total_norm_of(
-    grads: list[torch.Tensor], labels: list[str], p: float, error_if_nonfinite: bool
+    grads: list[torch.Tensor], labels: Labels, p: float, error_if_nonfinite: bool
 ) -> torch.Tensor:
     """The accurate total norm (accumulator dtype); raises before anything is touched."""
     norm = norm_of_leaves(_kernels(), grads, p)

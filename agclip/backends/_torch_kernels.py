@@ -50,7 +50,7 @@ class TorchKernels(Kernels):
 
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
-        for group in group_by_device_and_dtype(t for t in leaves if t.numel()):
+        for group in group_by_device_and_dtype(leaves):
             if scale is not None:
                 group = [t.to(acc) * scale.to(t.device) for t in group]
             if group[0].device.type == "cpu":
@@ -63,18 +63,19 @@ class TorchKernels(Kernels):
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         rows_dtype = _row_dtype(group[0].dtype)
-        small = [t for t in group if t.numel() <= SMALL]
-        norms = list(torch._foreach_norm(small, p, dtype=rows_dtype)) if small else []
+        small, large = [], []
         for tensor in group:
-            if tensor.numel() > SMALL:
-                flat = tensor.reshape(-1)
-                rows = flat.numel() // BLOCK
-                body = flat[: rows * BLOCK].view(rows, BLOCK)
-                norms.append(torch.linalg.vector_norm(body, p, dim=1, dtype=rows_dtype))
-                if flat.numel() % BLOCK:
-                    tail = flat[rows * BLOCK :]
-                    norms.append(torch.linalg.vector_norm(tail, p, dtype=rows_dtype).reshape(1))
-        return torch.cat([n.reshape(-1) for n in norms]).to(acc).pow(p).sum()
+            (small if tensor.numel() <= SMALL else large).append(tensor)
+        norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
+        for tensor in large:
+            flat = tensor.reshape(-1)
+            rows = flat.numel() // BLOCK
+            body = flat[: rows * BLOCK].view(rows, BLOCK)
+            norms.append(torch.linalg.vector_norm(body, p, dim=1, dtype=rows_dtype))
+            if flat.numel() % BLOCK:
+                tail = flat[rows * BLOCK :]
+                norms.append(torch.linalg.vector_norm(tail, p, dtype=rows_dtype).reshape(1))
+        return torch.cat(norms).to(acc).pow(p).sum()
 
     def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         if p in (1.0, 2.0):

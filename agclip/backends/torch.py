@@ -28,6 +28,7 @@ import torch
 from .._checks import check_threshold
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_grads import (
+    Labels,
     TensorOrTensors,
     as_list,
     check_tensor,
@@ -107,12 +108,13 @@ def get_total_norm(
     """
     p = norm_type_arg(norm_type)
     tensors = [t for t in as_list(tensors) if t is not None]
-    labels = [f"tensors[{i}] (shape {tuple(t.shape)})" for i, t in enumerate(tensors)]
-    for tensor, label in zip(tensors, labels, strict=True):
-        check_tensor(tensor, label)
+    for index, tensor in enumerate(tensors):
+        check_tensor(tensor, f"tensors[{index}]")
     if not tensors:
         return empty_norm()
-    return result_norm(total_norm_of(tensors, labels, p, error_if_nonfinite), tensors)
+    labels = Labels(tensors, list(range(len(tensors))), kind="tensors")
+    norm = total_norm_of(tensors, labels, p, error_if_nonfinite)
+    return result_norm(norm, tensors)
 
 
 def clip_grads_with_norm_(
