@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._kernels import Kernels, quiet
 
 
-def norm_of_leaves(k: Kernels, leaves: Sequence[Any], p: float) -> Any:
+def _same(x: Any) -> Any:
+    return x
+
+
+def root(k: Kernels, total: Any, p: float) -> Any:
+    """total ** (1/p), with a finite derivative at 0 (for jax.grad through the clip)."""
+    xp = k.xp
+    zero = total == 0  # not `> 0`: NaN and inf must flow through
+    safe = xp.where(zero, xp.ones_like(total), total)
+    return xp.where(zero, xp.zeros_like(total), safe ** (1.0 / p))
+
+
+def norm_of_leaves(
+    k: Kernels,
+    leaves: Sequence[Any],
+    p: float,
+    *,
+    sum_across: Callable[[Any], Any] = _same,
+    max_across: Callable[[Any], Any] = _same,
+) -> Any:
     """The p-norm of all leaves together, as a 0-d array of the accumulator dtype.
 
     Fast path: one accurate pass of sum(|x|**p). Only when the accumulator can
@@ -17,20 +36,24 @@ def norm_of_leaves(k: Kernels, leaves: Sequence[Any], p: float) -> Any:
     result guarded: if it is not finite, the norm is recomputed on inputs
     divided by their largest magnitude, which cannot overflow. How the guard
     branches is the kernels' business (host ``if``, ``lax.cond`` or ``where``).
+
+    ``sum_across`` / ``max_across`` combine partial results over devices
+    (``lax.psum`` / ``lax.pmax`` over a named axis in the JAX adapter).
     """
     xp = k.xp
     acc = k.accumulator(leaves)
     if math.isinf(p):
-        return k.max_abs(leaves, acc)
-    fast = k.sum_of_powers(leaves, p, acc) ** (1.0 / p)
+        return max_across(k.max_abs(leaves, acc))
+    fast = root(k, sum_across(k.sum_of_powers(leaves, p, acc)), p)
     if not k.may_overflow(leaves, p, acc):
         return fast
 
     def rescaled() -> Any:
-        peak = k.max_abs(leaves, acc)
+        peak = max_across(k.max_abs(leaves, acc))
         usable = xp.isfinite(peak) & (peak > 0)
         divisor = xp.where(usable, peak, xp.ones_like(peak))
-        norm = divisor * k.sum_of_powers(leaves, p, acc, scale=1.0 / divisor) ** (1.0 / p)
+        scaled_total = sum_across(k.sum_of_powers(leaves, p, acc, scale=1.0 / divisor))
+        norm = divisor * root(k, scaled_total, p)
         # Non-finite inputs keep the fast result (inf or NaN), as torch does.
         return xp.where(usable, norm, fast)
 

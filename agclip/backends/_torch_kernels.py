@@ -63,7 +63,8 @@ class TorchKernels(Kernels):
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         rows_dtype = _row_dtype(group[0].dtype)
-        small, large = [], []
+        small: list[torch.Tensor] = []
+        large: list[torch.Tensor] = []
         for tensor in group:
             (small if tensor.numel() <= SMALL else large).append(tensor)
         norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
