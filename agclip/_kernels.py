@@ -40,9 +40,6 @@ def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
 class Kernels:
     """Generic array-API kernels. Pure functions; no in-place writes unless named ``_``."""
 
-    #: Whether array values can be read on the host for free (eager CPU arrays).
-    host_values = False
-
     def __init__(self, xp: ModuleType):
         self.xp = xp
 

@@ -20,8 +20,6 @@ def _work_dtype(x: np.ndarray) -> type:
 
 
 class NumpyKernels(Kernels):
-    host_values = True
-
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # Blocks are summed in float32; the guard is one host isfinite, so always keep it.
         return True
