@@ -75,9 +75,8 @@ def collect_grads(
         grad = param.grad
         if grad is None:
             continue
-        if not grad.is_floating_point():
-            label = Labels(params, [index], names)[0]
-            raise TypeError(f"the gradient of {label} has dtype {grad.dtype}; need floating point")
+        if not grad.is_floating_point():  # labels only on the error path: they cost time
+            check_tensor(grad, f"the gradient of {Labels(params, [index], names)[0]}")
         grads.append(grad)
         indices.append(index)
     return grads, Labels(params, indices, names)

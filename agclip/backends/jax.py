@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
 from .._clip import _clip_each, _clip_values
-from .._finite import _zero_nonfinite
+from .._finite import _all_finite, _zero_nonfinite
 from .._kernels import Kernels, kernels_for
 from .._norms import clip_coefficient, norm_of_leaves
 from .._tree import flatten
@@ -208,8 +208,7 @@ def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
 
     def update(updates: Any, state: ApplyIfFiniteState, params: Any = None) -> tuple[Any, Any]:
         leaves = jax.tree_util.tree_leaves(updates)
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
-        finite = jnp.asarray(finite)
+        finite = _all_finite(_kernels(), leaves) if leaves else jnp.asarray(True)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params)
         count = jnp.where(finite, 0, state.notfinite_count + 1)
         apply = finite | (count > max_consecutive_errors)
