@@ -102,3 +102,16 @@ def test_numpy_scale_writes_nothing_when_factor_is_one():
     leaf = np.ones(4, dtype=np.float32)
     leaf.flags.writeable = False  # any write would raise
     kernels_for(array_api_compat.numpy).scale_([leaf], np.asarray(1.0))
+
+
+def test_torch_grouping_matches_the_python_fallback(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from agclip.backends import _torch_kernels
+
+    tensors = [torch.ones(2, dtype=d) for d in (torch.float32, torch.float16, torch.float32)]
+    tensors.append(torch.ones(3, device="meta"))
+    fast = _torch_kernels.group_by_device_and_dtype(tensors)
+    monkeypatch.setattr(_torch_kernels, "_torch_grouping", None)
+    slow = _torch_kernels.group_by_device_and_dtype(tensors)
+    as_ids = lambda groups: sorted([id(t) for t in g] for g in groups)  # noqa: E731
+    assert as_ids(fast) == as_ids(slow) and len(slow) == 3

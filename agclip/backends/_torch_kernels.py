@@ -25,7 +25,18 @@ from .._kernels import BLOCK, Kernels
 SMALL = 4 * BLOCK
 
 
+_torch_grouping: Any
+try:  # torch's own C++ grouping (what clip_grad_norm_ uses): ~2x faster than a Python loop
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _torch_grouping
+except ImportError:  # pragma: no cover - a torch without the private helper
+    _torch_grouping = None
+
+
 def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors in groups of one device and dtype, order kept within each group."""
+    tensors = list(tensors)
+    if _torch_grouping is not None and tensors:
+        return [list(lists[0]) for lists, _ in _torch_grouping([tensors]).values()]
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
@@ -38,13 +49,13 @@ def _row_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class TorchKernels(Kernels):
     def accumulator(self, leaves: Sequence[Any]) -> Any:
-        if any(leaf.device.type == "mps" for leaf in leaves):
+        if any(leaf.is_mps for leaf in leaves):
             return torch.float32  # MPS has no float64
         return torch.float64
 
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
-        if any(leaf.device.type == "cpu" for leaf in leaves):
+        if any(leaf.is_cpu for leaf in leaves):
             return True
         return super().may_overflow(leaves, p, acc)
 
@@ -53,7 +64,7 @@ class TorchKernels(Kernels):
         for group in group_by_device_and_dtype(leaves):
             if scale is not None:
                 group = [t.to(acc) * scale.to(t.device) for t in group]
-            if group[0].device.type == "cpu":
+            if group[0].is_cpu:
                 parts.append(self._cpu_sum(group, p, acc))
             else:
                 parts.append(self._device_sum(group, p, acc))
@@ -99,13 +110,13 @@ class TorchKernels(Kernels):
         return torch.stack([part.to(device) for part in parts])
 
     def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
-        if value.device.type == "cpu":
+        if value.is_cpu:
             return value if bool(torch.isfinite(value)) else fallback()
         return torch.where(torch.isfinite(value), value, fallback())
 
     def scale_(self, leaves: Sequence[Any], factor: Any, foreach: bool | None = None) -> None:
         """In place; on CPU no pass at all when the factor is exactly 1."""
-        if factor.device.type == "cpu" and bool(factor == 1):
+        if factor.is_cpu and bool(factor == 1):
             return
         for group in group_by_device_and_dtype(leaves):
             device = group[0].device
