@@ -91,14 +91,13 @@ class GradientClipCallback:
         self._nonfinite: Any = False
         self.last_norm: torch.Tensor | None = None
 
-    def set_model(self, model: torch.nn.Module) -> GradientClipCallback:
+    def set_model(self, model: torch.nn.Module) -> None:
         """Clip this model's parameters (named as in ``model.named_parameters()``)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         named = list(model.named_parameters())
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
-        return self
 
     def on_after_backward(self) -> torch.Tensor:
         """Clip the gradients in place; returns the pre-clip total norm."""

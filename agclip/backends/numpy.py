@@ -10,7 +10,7 @@ Example:
     >>> grads = [np.array([3.0, 4.0], dtype=np.float32), None]
     >>> clip_by_global_norm_(grads, 1.0)
     5.0
-    >>> grads[0].round(4).tolist()
+    >>> [round(float(g), 4) for g in grads[0]]
     [0.6, 0.8]
 """
 

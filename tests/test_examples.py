@@ -1,0 +1,50 @@
+"""The examples run (smoke tests), and the docstring examples hold (doctests)."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import importlib.util
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+NEEDS = {
+    "gradient_clipping_example.py": "torch",
+    "jax_example.py": "optax",
+    "numpy_example.py": None,
+    "backend_tour.py": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEEDS))
+def test_example_runs(name, capsys, monkeypatch):
+    needed = NEEDS[name]
+    if needed and importlib.util.find_spec(needed) is None:
+        pytest.skip(f"{needed} is not installed")
+    monkeypatch.setattr(sys, "argv", [name])
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    assert capsys.readouterr().out.strip()
+
+
+MODULES = {
+    "agclip._clip": None,
+    "agclip._finite": None,
+    "agclip.backends.numpy": None,
+    "agclip.backends.torch": "torch",
+    "agclip.backends._torch_callback": "torch",
+    "agclip.backends.jax": "optax",
+}
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_docstring_examples(module):
+    needed = MODULES[module]
+    if needed and importlib.util.find_spec(needed) is None:
+        pytest.skip(f"{needed} is not installed")
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{module} has no docstring examples"
+    assert result.failed == 0
