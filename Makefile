@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check agclip tests benchmarks examples
-	$(BIN)/ruff format --check agclip tests benchmarks examples
+	$(BIN)/ruff check agclip tests benchmarks examples demo
+	$(BIN)/ruff format --check agclip tests benchmarks examples demo
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -27,7 +27,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 demo: $(STAMP)
-	$(BIN)/python examples/backend_tour.py
+	$(BIN)/python -m demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_numpy.py

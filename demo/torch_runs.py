@@ -1,0 +1,96 @@
+"""The experiment in PyTorch: an LSTM trained with SGD + momentum, clipped three ways."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from agclip.backends.torch import GradientClipCallback, clip_grad_norm_, clip_grad_value_
+
+from .adding_problem import Run, batches
+
+
+class AddingLSTM(torch.nn.Module):
+    def __init__(self, hidden: int = 64):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(2, hidden, batch_first=True)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def _timed(clip: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    clip()
+    return time.perf_counter() - start
+
+
+def _clippers(model: torch.nn.Module, max_norm: float, clip_value: float):
+    """config name -> a function that clips the model's gradients and returns
+    (whether clipping changed anything, seconds spent in the clip call alone)."""
+    callback = GradientClipCallback(max_norm=max_norm, warn_nonfinite=False)
+    callback.set_model(model)
+    params = list(model.parameters())
+
+    def with_callback() -> tuple[bool, float]:
+        seconds = _timed(callback.on_after_backward)
+        return bool(callback.last_norm > max_norm), seconds
+
+    def with_function() -> tuple[bool, float]:
+        norms = []
+        seconds = _timed(lambda: norms.append(clip_grad_norm_(params, max_norm)))
+        return bool(norms[0] > max_norm), seconds
+
+    def by_value() -> tuple[bool, float]:
+        fired = any(bool(p.grad.abs().max() > clip_value) for p in params)  # untimed
+        return fired, _timed(lambda: clip_grad_value_(params, clip_value))
+
+    return {
+        "no clipping": None,
+        f"global norm {max_norm:g} (callback)": with_callback,
+        f"global norm {max_norm:g} (clip_grad_norm_)": with_function,
+        f"value {clip_value:g}": by_value,
+    }
+
+
+def run_all(
+    *,
+    steps: int,
+    seed: int,
+    lr: float,
+    max_norm: float,
+    clip_value: float,
+    progress: Callable[..., object],
+) -> list[Run]:
+    torch.set_num_threads(2)
+    runs = []
+    configs = list(_clippers(AddingLSTM(), max_norm, clip_value))
+    for config in configs:
+        torch.manual_seed(seed)
+        model = AddingLSTM()
+        clip = _clippers(model, max_norm, clip_value)[config]
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        run = Run("PyTorch", config)
+        bar = progress(batches(seed, steps), total=steps, desc=f"PyTorch {config:<32}")
+        for x, y in bar:
+            start = time.perf_counter()
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(torch.from_numpy(x)), torch.from_numpy(y))
+            loss.backward()
+            check_seconds = 0.0
+            if clip is not None:
+                check_start = time.perf_counter()
+                fired, seconds = clip()
+                check_seconds = time.perf_counter() - check_start - seconds
+                run.clipped_steps += fired
+                run.clip_seconds += seconds
+            optimizer.step()
+            run.step_seconds += time.perf_counter() - start - check_seconds
+            if not run.record(loss.item()):
+                break
+        runs.append(run)
+    return runs
