@@ -57,7 +57,7 @@ def global_norm(tree: Any, *, ord: float = 2) -> Any:
         32-bit leaves, float64 when any leaf is float64. An empty tree gives a
         NumPy float32 zero.
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> float(agclip.global_norm([np.array([3.0, 4.0]), None]))
         5.0
@@ -92,7 +92,7 @@ def clip_by_global_norm(
         ``(clipped, norm)``: a new tree of the same structure and dtypes, and
         the pre-clip global norm (see :func:`global_norm`).
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> clipped, norm = agclip.clip_by_global_norm([np.array([3.0, 4.0])], 1.0)
         >>> float(norm), clipped[0].round(4).tolist()
@@ -123,7 +123,7 @@ def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6)
     Returns:
         A new tree of the same structure and dtypes.
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> out = agclip.clip_by_norm({"a": np.array([3.0, 4.0]), "b": np.array([0.1])}, 1.0)
         >>> out["a"].round(4).tolist(), out["b"].tolist()
@@ -150,7 +150,7 @@ def clip_by_value(tree: Any, clip_value: Any) -> Any:
     Returns:
         A new tree of the same structure and dtypes. NaN stays NaN.
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> agclip.clip_by_value([np.array([-3.0, 0.5, 7.0])], 1.0)[0].tolist()
         [-1.0, 0.5, 1.0]

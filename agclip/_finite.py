@@ -26,7 +26,7 @@ def all_finite(tree: Any) -> Any:
     Branch-free: usable under ``jax.jit`` and without a host sync on CUDA.
     An empty tree gives a NumPy ``True``.
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> bool(agclip.all_finite({"w": np.array([1.0, np.inf])}))
         False
@@ -42,7 +42,7 @@ def nonfinite_paths(tree: Any) -> list[str]:
 
     Reads values on the host, so it is not for use under ``jax.jit``.
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> agclip.nonfinite_paths({"layers": [np.ones(2), {"a": np.array([np.nan])}]})
         ["['layers'][1]['a']"]
@@ -61,7 +61,7 @@ def nonfinite_paths(tree: Any) -> list[str]:
 def zero_nonfinite(tree: Any) -> Any:
     """Replace NaN, +inf and -inf with 0 in every leaf (a new tree).
 
-    Example:
+    Examples:
         >>> import numpy as np, agclip
         >>> agclip.zero_nonfinite([np.array([1.0, np.nan, -np.inf])])[0].tolist()
         [1.0, 0.0, 0.0]

@@ -12,14 +12,19 @@ from agclip.backends.torch import GradientClipCallback, clip_grad_norm_, clip_gr
 from .adding_problem import Run, batches
 
 
-class AddingLSTM(torch.nn.Module):
-    def __init__(self, hidden: int = 64):
+class AddingRNN(torch.nn.Module):
+    """A recurrent net reading the sequence; a linear head on the last state."""
+
+    def __init__(self, cell: str = "lstm", hidden: int = 64):
         super().__init__()
-        self.lstm = torch.nn.LSTM(2, hidden, batch_first=True)
+        if cell == "lstm":
+            self.rnn: torch.nn.Module = torch.nn.LSTM(2, hidden, batch_first=True)
+        else:  # the vanilla tanh RNN of Pascanu et al.
+            self.rnn = torch.nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
         self.head = torch.nn.Linear(hidden, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.lstm(x)
+        out, _ = self.rnn(x)
         return self.head(out[:, -1])
 
 
@@ -65,17 +70,24 @@ def run_all(
     max_norm: float,
     clip_value: float,
     progress: Callable[..., object],
+    cell: str = "lstm",
+    length: int = 20,
+    stop_at_target: bool = False,
+    only: Callable[[str], bool] | None = None,
 ) -> list[Run]:
+    """Train one model per clipping config; ``only`` filters configs by name,
+    ``stop_at_target`` ends a run once it reaches the target loss."""
     torch.set_num_threads(2)
     runs = []
-    configs = list(_clippers(AddingLSTM(), max_norm, clip_value))
+    configs = [c for c in _clippers(AddingRNN(cell), max_norm, clip_value) if not only or only(c)]
     for config in configs:
         torch.manual_seed(seed)
-        model = AddingLSTM()
+        model = AddingRNN(cell)
         clip = _clippers(model, max_norm, clip_value)[config]
         optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
         run = Run("PyTorch", config)
-        bar = progress(batches(seed, steps), total=steps, desc=f"PyTorch {config:<32}")
+        data = batches(seed, steps, length=length)
+        bar = progress(data, total=steps, desc=f"PyTorch {config:<32}")
         for x, y in bar:
             start = time.perf_counter()
             optimizer.zero_grad()
@@ -90,7 +102,7 @@ def run_all(
                 run.clip_seconds += seconds
             optimizer.step()
             run.step_seconds += time.perf_counter() - start - check_seconds
-            if not run.record(loss.item()):
+            if not run.record(loss.item()) or (stop_at_target and run.steps_to_target):
                 break
         runs.append(run)
     return runs

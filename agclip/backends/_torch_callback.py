@@ -50,7 +50,7 @@ class GradientClipCallback:
         check_every: off-CPU, how many steps between non-finite checks.
         foreach: passed to the scale kernels, as in ``clip_grad_norm_``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from agclip.backends.torch import GradientClipCallback
         >>> model = torch.nn.Linear(4, 2)

@@ -14,7 +14,7 @@ installed (so it composes in ``optax.chain``) and an equivalent
 - ``eps`` (default 1e-6, torch's rule ``max_norm / (norm + eps)``) differs from
   optax, which divides by the norm itself: pass ``eps=0.0`` for optax's numbers.
 
-Example:
+Examples:
     >>> import jax.numpy as jnp, optax
     >>> from agclip.backends.jax import clip_by_global_norm
     >>> tx = optax.chain(clip_by_global_norm(1.0), optax.sgd(0.1))

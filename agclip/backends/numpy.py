@@ -4,7 +4,7 @@ Reductions are BLAS dot products over 256 KiB blocks (accurate and without
 full-size temporaries); scaling is one in-place multiply, skipped entirely
 when no clipping is needed.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> from agclip.backends.numpy import clip_by_global_norm_
     >>> grads = [np.array([3.0, 4.0], dtype=np.float32), None]

@@ -11,7 +11,7 @@ Same names, signatures and semantics as ``torch.nn.utils``
 - no host-device sync off-CPU (``error_if_nonfinite=True`` syncs, as torch's does);
 - on CPU, no scale pass at all when nothing needs clipping.
 
-Example:
+Examples:
     >>> import torch
     >>> from agclip.backends.torch import clip_grad_norm_, get_total_norm
     >>> model = torch.nn.Linear(3, 1)
