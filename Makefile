@@ -29,10 +29,9 @@ test: lint typecheck pytest
 demo: $(STAMP)
 	$(BIN)/python -m demo
 
+# Every speed/memory/accuracy/stability benchmark; regenerates docs/benchmarks.md (~25 min).
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_numpy.py
-	$(BIN)/python benchmarks/bench_torch.py
-	$(BIN)/python benchmarks/bench_jax.py
+	$(BIN)/python benchmarks/run_all.py
 
 # The documentation site (MkDocs + mkdocstrings); --strict turns broken references into errors.
 docs: $(STAMP)
