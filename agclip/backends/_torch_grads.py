@@ -3,7 +3,7 @@ norm with a clear non-finite error, and the in-place scale."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from array_api_compat import torch as compat_torch
 from .._checks import check_ord
 from .._kernels import kernels_for
 from .._norms import clip_coefficient, norm_of_leaves
-from ._torch_kernels import TorchKernels
+from ._torch_kernels import GroupedTensors, TorchKernels
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
@@ -45,41 +45,66 @@ def check_tensor(tensor: Any, label: str) -> None:
 
 class Labels:
     """Names of the gradients for messages, built only when a message needs one
-    (formatting thousands of labels per step would cost more than the clip)."""
+    (formatting thousands of labels per step would cost more than the clip).
+
+    ``indices[k]`` is the position in ``owners`` of the k-th gradient; by
+    default, the owners that have a ``.grad``.
+    """
 
     def __init__(
         self,
-        owners: list[torch.Tensor],
-        indices: list[int],
+        owners: list[Any],
+        indices: list[int] | None = None,
         names: list[str] | None = None,
         kind: str = "parameters",
     ):
         self._owners, self._indices, self._names, self._kind = owners, indices, names, kind
 
     def __getitem__(self, position: int) -> str:
+        if self._indices is None:
+            self._indices = [i for i, owner in enumerate(self._owners) if owner.grad is not None]
         index = self._indices[position]
         if self._names:
             return self._names[index]
         return f"{self._kind}[{index}] (shape {tuple(self._owners[index].shape)})"
 
 
-def collect_grads(
-    parameters: TensorOrTensors, names: list[str] | None = None
-) -> tuple[list[torch.Tensor], Labels]:
-    """The ``.grad`` of each parameter that has one, and their labels for messages."""
-    params = as_list(parameters)
-    grads, indices = [], []
+def grouped_floats(tensors: Iterable[Any], explain: Callable[[], None]) -> GroupedTensors:
+    """The tensors, grouped by device and dtype in one C++ call.
+
+    Types are checked per group, not per tensor (that loop would cost as much
+    as clipping thousands of small gradients); when a check fails, ``explain()``
+    walks the input and raises an error naming the offending entry.
+    """
+    try:
+        tensors = GroupedTensors(tensors)
+        groups = tensors.groups
+    except (AttributeError, TypeError):
+        explain()
+        raise
+    if not all(group[0].is_floating_point() for group in groups):
+        explain()
+    return tensors
+
+
+def _explain_parameters(params: list[Any], names: list[str] | None) -> None:
     for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
-        grad = param.grad
-        if grad is None:
-            continue
-        if not grad.is_floating_point():  # labels only on the error path: they cost time
-            check_tensor(grad, f"the gradient of {Labels(params, [index], names)[0]}")
-        grads.append(grad)
-        indices.append(index)
-    return grads, Labels(params, indices, names)
+        if param.grad is not None:
+            check_tensor(param.grad, f"the gradient of {Labels(params, [index], names)[0]}")
+
+
+def collect_grads(
+    parameters: TensorOrTensors, names: list[str] | None = None
+) -> tuple[GroupedTensors, Labels]:
+    """The ``.grad`` of each parameter that has one, and their labels for messages."""
+    params = as_list(parameters)
+    grads = grouped_floats(
+        (grad for param in params if (grad := param.grad) is not None),
+        lambda: _explain_parameters(params, names),
+    )
+    return grads, Labels(params, names=names)
 
 
 def result_norm(norm: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:

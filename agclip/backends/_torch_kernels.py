@@ -13,6 +13,7 @@ gradients with p in {1, 2}; no value is read on the host.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,9 +33,7 @@ except ImportError:  # pragma: no cover - a torch without the private helper
     _torch_grouping = None
 
 
-def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The tensors in groups of one device and dtype, order kept within each group."""
-    tensors = list(tensors)
+def _group(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     if _torch_grouping is not None and tensors:
         return [list(lists[0]) for lists, _ in _torch_grouping([tensors]).values()]
     groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
@@ -43,19 +42,37 @@ def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torc
     return list(groups.values())
 
 
+class GroupedTensors(list):  # type: ignore[type-arg]
+    """A list of tensors grouped by device and dtype once, on first use: the
+    norm pass and the scale pass of one call share the grouping."""
+
+    @functools.cached_property
+    def groups(self) -> list[list[torch.Tensor]]:
+        return _group(self)
+
+
+def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The tensors in groups of one device and dtype, order kept within each group."""
+    if isinstance(tensors, GroupedTensors):
+        return tensors.groups
+    return _group(list(tensors))
+
+
 def _row_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class TorchKernels(Kernels):
+    # Device questions are asked of one tensor per group: a loop over thousands
+    # of small gradients would cost more than their norm.
     def accumulator(self, leaves: Sequence[Any]) -> Any:
-        if any(leaf.is_mps for leaf in leaves):
+        if any(group[0].is_mps for group in group_by_device_and_dtype(leaves)):
             return torch.float32  # MPS has no float64
         return torch.float64
 
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
-        if any(leaf.is_cpu for leaf in leaves):
+        if any(group[0].is_cpu for group in group_by_device_and_dtype(leaves)):
             return True
         return super().may_overflow(leaves, p, acc)
 
@@ -74,10 +91,8 @@ class TorchKernels(Kernels):
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         rows_dtype = _row_dtype(group[0].dtype)
-        small: list[torch.Tensor] = []
-        large: list[torch.Tensor] = []
-        for tensor in group:
-            (small if tensor.numel() <= SMALL else large).append(tensor)
+        large = [tensor for tensor in group if tensor.numel() > SMALL]
+        small = [tensor for tensor in group if tensor.numel() <= SMALL] if large else group
         norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
         for tensor in large:
             flat = tensor.reshape(-1)

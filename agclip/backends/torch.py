@@ -33,6 +33,7 @@ from ._torch_grads import (
     as_list,
     check_tensor,
     collect_grads,
+    grouped_floats,
     empty_norm,
     norm_type_arg,
     result_norm,
@@ -107,12 +108,16 @@ def get_total_norm(
     ``None`` entries are skipped. ``foreach`` is accepted for compatibility.
     """
     p = norm_type_arg(norm_type)
-    tensors = [t for t in as_list(tensors) if t is not None]
-    for index, tensor in enumerate(tensors):
-        check_tensor(tensor, f"tensors[{index}]")
+    given = [t for t in as_list(tensors) if t is not None]
+
+    def explain() -> None:
+        for index, tensor in enumerate(given):
+            check_tensor(tensor, f"tensors[{index}]")
+
+    tensors = grouped_floats(given, explain)
     if not tensors:
         return empty_norm()
-    labels = Labels(tensors, list(range(len(tensors))), kind="tensors")
+    labels = Labels(given, list(range(len(given))), kind="tensors")
     norm = total_norm_of(tensors, labels, p, error_if_nonfinite)
     return result_norm(norm, tensors)
 
