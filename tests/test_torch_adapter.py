@@ -211,6 +211,28 @@ def test_non_tensor_in_parameters_is_a_type_error_before_any_change():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("oops", r"tensors\[3\] is a str"),
+        (torch.ones(3, dtype=torch.int64), r"tensors\[3\].*int64"),
+    ],
+)
+def test_get_total_norm_names_a_bad_tensor(bad, match):
+    with pytest.raises(TypeError, match=match):
+        ag.get_total_norm([torch.ones(2), None, torch.ones(3), bad])
+
+
+def test_nonfinite_error_counts_parameters_without_grad():
+    model = cnn_with_grads(scale=100)
+    params = list(model.parameters())
+    params[0].grad = None
+    params[1].grad = None
+    params[4].grad[0] = math.inf
+    with pytest.raises(RuntimeError, match=r"parameters\[4\] \(shape \(10, 128\)\)"):
+        ag.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+
+
 def test_error_if_nonfinite_names_parameters_and_changes_nothing():
     model = cnn_with_grads(scale=100)
     params = list(model.parameters())

@@ -42,7 +42,7 @@ def _group(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-class GroupedTensors(list):  # type: ignore[type-arg]
+class GroupedTensors(list[torch.Tensor]):
     """A list of tensors grouped by device and dtype once, on first use: the
     norm pass and the scale pass of one call share the grouping."""
 

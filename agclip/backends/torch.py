@@ -33,8 +33,8 @@ from ._torch_grads import (
     as_list,
     check_tensor,
     collect_grads,
-    grouped_floats,
     empty_norm,
+    grouped_floats,
     norm_type_arg,
     result_norm,
     scale_grads_,
@@ -108,16 +108,17 @@ def get_total_norm(
     ``None`` entries are skipped. ``foreach`` is accepted for compatibility.
     """
     p = norm_type_arg(norm_type)
-    given = [t for t in as_list(tensors) if t is not None]
+    given = as_list(tensors)
+    present = [index for index, tensor in enumerate(given) if tensor is not None]
 
     def explain() -> None:
-        for index, tensor in enumerate(given):
-            check_tensor(tensor, f"tensors[{index}]")
+        for index in present:
+            check_tensor(given[index], f"tensors[{index}]")
 
-    tensors = grouped_floats(given, explain)
+    tensors = grouped_floats((given[index] for index in present), explain)
     if not tensors:
         return empty_norm()
-    labels = Labels(given, list(range(len(given))), kind="tensors")
+    labels = Labels(given, present, kind="tensors")
     norm = total_norm_of(tensors, labels, p, error_if_nonfinite)
     return result_norm(norm, tensors)
 
