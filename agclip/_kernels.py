@@ -9,7 +9,7 @@ works on any array-API library.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from types import ModuleType
 from typing import Any
@@ -57,12 +57,16 @@ class Kernels:
 
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         """Whether sum(|x|**p) could overflow ``acc`` for finite leaves (static check)."""
+        size = sum(math.prod(leaf.shape) for leaf in leaves)
+        return self.overflow_possible({leaf.dtype for leaf in leaves}, size, p, acc)
+
+    def overflow_possible(self, dtypes: Iterable[Any], size: int, p: float, acc: Any) -> bool:
+        """Whether ``size`` finite values of ``dtypes`` can overflow ``acc`` in sum(|x|**p)."""
         if math.isinf(p):
             return False
-        xp = self.xp
-        acc_digits = math.log10(float(xp.finfo(acc).max))
-        size = sum(math.prod(leaf.shape) for leaf in leaves)
-        worst = max(math.log10(float(xp.finfo(leaf.dtype).max)) for leaf in leaves)
+        finfo = self.xp.finfo
+        worst = max((math.log10(float(finfo(dtype).max)) for dtype in dtypes), default=0.0)
+        acc_digits = math.log10(float(finfo(acc).max))
         return p * worst + math.log10(max(size, 1)) >= acc_digits
 
     # -- reductions -------------------------------------------------------

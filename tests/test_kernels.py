@@ -115,3 +115,17 @@ def test_torch_grouping_matches_the_python_fallback(monkeypatch):
     slow = _torch_kernels.group_by_device_and_dtype(tensors)
     as_ids = lambda groups: sorted([id(t) for t in g] for g in groups)  # noqa: E731
     assert as_ids(fast) == as_ids(slow) and len(slow) == 3
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 40.0, math.inf])
+def test_torch_off_cpu_overflow_check_matches_the_generic_one(p):
+    torch = pytest.importorskip("torch")
+    from agclip._kernels import Kernels
+    from agclip.backends._torch_kernels import GroupedTensors
+
+    dtypes = (torch.float16, torch.float32, torch.float16, torch.float64)
+    tensors = GroupedTensors(torch.empty(5, 7, dtype=d, device="meta") for d in dtypes)
+    torch_kernels = kernels_for(array_api_compat.array_namespace(torch.ones(1)))
+    for leaves in (tensors, GroupedTensors(tensors[:3]), GroupedTensors(tensors[1:2])):
+        generic = Kernels.may_overflow(torch_kernels, leaves, p, torch.float64)
+        assert torch_kernels.may_overflow(leaves, p, torch.float64) == generic

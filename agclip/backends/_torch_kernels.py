@@ -72,9 +72,11 @@ class TorchKernels(Kernels):
 
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
-        if any(group[0].is_cpu for group in group_by_device_and_dtype(leaves)):
+        groups = group_by_device_and_dtype(leaves)
+        if any(group[0].is_cpu for group in groups):
             return True
-        return super().may_overflow(leaves, p, acc)
+        size = sum(tensor.numel() for tensor in leaves)
+        return self.overflow_possible((group[0].dtype for group in groups), size, p, acc)
 
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
