@@ -12,7 +12,7 @@ from array_api_compat import torch as compat_torch
 from .._checks import check_ord
 from .._kernels import kernels_for
 from .._norms import clip_coefficient, norm_of_leaves
-from ._torch_kernels import GroupedTensors, TorchKernels, group_by_device_and_dtype
+from ._torch_kernels import GroupedTensors, TorchKernels
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
@@ -108,8 +108,7 @@ def collect_grads(
 
 
 def result_norm(norm: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    wide = any(group[0].dtype == torch.float64 for group in group_by_device_and_dtype(grads))
-    return norm.to(torch.float64 if wide else torch.float32)
+    return norm.to(_kernels().result_dtype(grads))
 
 
 def empty_norm() -> torch.Tensor:

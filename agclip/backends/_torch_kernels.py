@@ -58,7 +58,8 @@ def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torc
     return _group(list(tensors))
 
 
-def _row_dtype(dtype: torch.dtype) -> torch.dtype:
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; 16- and 32-bit gradients are reduced and scaled in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -69,6 +70,11 @@ class TorchKernels(Kernels):
         if any(group[0].is_mps for group in group_by_device_and_dtype(leaves)):
             return torch.float32  # MPS has no float64
         return torch.float64
+
+    def result_dtype(self, leaves: Sequence[Any]) -> Any:
+        groups = group_by_device_and_dtype(leaves)
+        wide = any(group[0].dtype == torch.float64 for group in groups)
+        return torch.float64 if wide else torch.float32
 
     def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
@@ -92,7 +98,7 @@ class TorchKernels(Kernels):
         return self.gather(parts).sum()
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
-        rows_dtype = _row_dtype(group[0].dtype)
+        rows_dtype = _work_dtype(group[0].dtype)
         large = [tensor for tensor in group if tensor.numel() > SMALL]
         small = [tensor for tensor in group if tensor.numel() <= SMALL] if large else group
         norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
@@ -137,8 +143,7 @@ class TorchKernels(Kernels):
             return
         for group in group_by_device_and_dtype(leaves):
             device = group[0].device
-            work = torch.float64 if group[0].dtype == torch.float64 else torch.float32
-            local = factor.to(device=device, dtype=work)
+            local = factor.to(device=device, dtype=_work_dtype(group[0].dtype))
             if foreach is False:
                 for tensor in group:
                     tensor.mul_(local)
