@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+import array_api_compat as compat
+import numpy as np
 from array_api_compat import array_namespace
 
 from ._kernels import Kernels, kernels_for
@@ -19,38 +21,100 @@ def is_concrete_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_threshold(name: str, value: Any) -> Any:
+def _library(xp: ModuleType) -> str:
+    return xp.__name__.removeprefix("array_api_compat.")
+
+
+def host_value(value: Any) -> float | None:
+    """The value of a 0-d array that lives on the host (NumPy, a CPU tensor,
+    array_api_strict), read for free; ``None`` for device arrays and tracers."""
+    if isinstance(value, np.generic) or compat.is_numpy_array(value):
+        return float(value)
+    if compat.is_torch_array(value):
+        return float(value.detach()) if value.device.type == "cpu" else None
+    if compat.is_array_api_strict_namespace(compat.array_namespace(value)):
+        return float(value)
+    return None
+
+
+def check_threshold(name: str, value: Any, xp: ModuleType | None = None) -> Any:
     """Validate ``max_norm`` / ``clip_value``: a finite number >= 0.
 
-    Arrays (for example a traced schedule under ``jax.jit``) pass through
-    unchecked: checking them would need a device sync.
+    Numbers and 0-d arrays that live on the host are checked and returned as
+    a Python float. Device arrays and tracers (a schedule's value under
+    ``jax.jit``, a CUDA tensor) pass through unchecked: reading them would
+    need a device sync. An array of another library than the gradients'
+    (``xp``) is a ``TypeError`` naming the argument.
     """
-    if isinstance(value, (bool, str, bytes)):
+    if isinstance(value, (bool, str, bytes)) or value is None:
         raise TypeError(f"{name} must be a real number, got {value!r}")
     if is_concrete_number(value):
-        number = float(value)
-        if not math.isfinite(number) or number < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        return number
-    if getattr(value, "shape", None) == ():
+        return _finite_non_negative(name, float(value), value)
+    if getattr(value, "shape", None) != ():
+        raise TypeError(f"{name} must be a real number or a 0-d array, got {value!r}")
+    if isinstance(value, np.generic) or compat.is_numpy_array(value):
+        value_xp = None  # host data: usable with any library's gradients
+    else:
+        try:
+            value_xp = compat.array_namespace(value)
+        except TypeError:
+            raise TypeError(f"{name} must be a real number or a 0-d array, got {value!r}") from None
+    if value_xp is not None and xp is not None and value_xp is not xp:
+        raise TypeError(
+            f"{name} is a {_library(value_xp)} array but the gradients are {_library(xp)} "
+            f"arrays; pass a Python number or a 0-d array of the gradients' library"
+        )
+    kind = getattr(value, "dtype", None)
+    if kind is not None and (str(kind).endswith("bool") or "complex" in str(kind)):
+        raise TypeError(f"{name} must be real, got an array of dtype {kind}")
+    number = host_value(value)
+    if number is None:
         return value
-    raise TypeError(f"{name} must be a real number or a 0-d array, got {value!r}")
+    return _finite_non_negative(name, number, value)
 
 
-def check_eps(value: Any) -> float:
-    if not is_concrete_number(value) or not math.isfinite(value) or value < 0:
+def _finite_non_negative(name: str, number: float, given: Any) -> float:
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {given!r}")
+    return number
+
+
+def check_eps(value: Any) -> Any:
+    """Validate ``eps``: a finite number >= 0 (host values checked, tracers passed)."""
+    number = value if is_concrete_number(value) else None
+    if number is None and getattr(value, "shape", None) == () and not isinstance(value, str):
+        number = host_value(value)
+        if number is None:
+            return value  # a traced or device 0-d array (optax.inject_hyperparams)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return float(number)
 
 
 def check_ord(value: Any, name: str = "ord") -> float:
-    """Validate a norm order: 1, 2, inf or any finite p > 0. Returns a float."""
-    if not is_concrete_number(value):
+    """Validate a norm order: 1, 2, inf or any finite p > 0. Returns a float.
+
+    The order picks the code path, so it must be known on the host: a number
+    or a 0-d host array.
+    """
+    number = value if is_concrete_number(value) else None
+    if number is None and getattr(value, "shape", None) == () and not isinstance(value, str):
+        number = host_value(value)
+    if number is None:
         raise ValueError(f"{name} must be a number > 0 (1, 2, inf or any p > 0), got {value!r}")
-    p = float(value)
+    p = float(number)
     if math.isnan(p) or p <= 0:
         raise ValueError(f"{name} must be > 0 (1, 2, inf or any p > 0), got {value!r}")
     return p
+
+
+def check_precision(dtype: Any, label: str) -> None:
+    """Reject extended precision (``np.longdouble``): the kernels accumulate in at most
+    float64, so its range and digits would be silently lost."""
+    if getattr(dtype, "itemsize", 0) > 8:
+        raise TypeError(
+            f"{label} has dtype {dtype}; extended precision is not supported (convert to float64)"
+        )
 
 
 def leaf_namespace(leaves: Sequence[Any], paths: Sequence[str]) -> ModuleType | None:
@@ -73,13 +137,14 @@ def leaf_namespace(leaves: Sequence[Any], paths: Sequence[str]) -> ModuleType | 
         elif leaf_xp is not xp:
             raise TypeError(
                 f"leaf {path} is a {type(leaf).__module__}.{type(leaf).__name__} but leaf "
-                f"{first_path} comes from {xp.__name__.removeprefix('array_api_compat.')}: "
+                f"{first_path} comes from {_library(xp)}: "
                 "one call takes arrays of one library"
             )
         if not xp.isdtype(leaf.dtype, "real floating"):
             raise TypeError(
                 f"leaf {path} has dtype {leaf.dtype}; gradients must be real floating point"
             )
+        check_precision(leaf.dtype, f"leaf {path}")
     return xp
 
 

@@ -17,18 +17,20 @@ def _empty_norm() -> Any:
 
 
 # The array work of each public function, run through ``Kernels.run`` (which
-# compiles it on JAX). Arguments are validated before these are called.
+# compiles it on JAX). Arguments are validated before these are called;
+# thresholds and eps are array arguments (traced under jit: schedulable),
+# the norm order is static.
 def _global_norm(k: Kernels, leaves: list[Any], *, p: float) -> Any:
     return k.xp.astype(norm_of_leaves(k, leaves, p), k.result_dtype(leaves))
 
 
-def _clip_global(k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: float) -> Any:
+def _clip_global(k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float) -> Any:
     norm = norm_of_leaves(k, leaves, p)
     clipped = k.scale(leaves, clip_coefficient(k, norm, max_norm, eps))
     return clipped, k.xp.astype(norm, k.result_dtype(leaves))
 
 
-def _clip_each(k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: float) -> Any:
+def _clip_each(k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float) -> Any:
     return [
         k.scale([leaf], clip_coefficient(k, norm_of_leaves(k, [leaf], p), max_norm, eps))[0]
         for leaf in leaves
@@ -36,7 +38,7 @@ def _clip_each(k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: f
 
 
 def _clip_values(k: Kernels, leaves: list[Any], clip_value: Any) -> Any:
-    return [k.xp.clip(leaf, -clip_value, clip_value) for leaf in leaves]
+    return [k.clip_values(leaf, clip_value) for leaf in leaves]
 
 
 def global_norm(tree: Any, *, ord: float = 2) -> Any:
@@ -102,12 +104,12 @@ def clip_by_global_norm(
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
         neural networks", ICML 2013.
     """
-    max_norm = check_threshold("max_norm", max_norm)
     p, eps = check_ord(ord), check_eps(eps)
     flat, k = flatten_arrays(tree)
+    max_norm = check_threshold("max_norm", max_norm, k.xp if k else None)
     if k is None:
         return tree, _empty_norm()
-    clipped, norm = k.run(_clip_global, flat.leaves, max_norm, p=p, eps=eps)
+    clipped, norm = k.run(_clip_global, flat.leaves, max_norm, eps, p=p)
     return flat.unflatten(clipped), norm
 
 
@@ -132,12 +134,12 @@ def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6)
     References:
         Pascanu, Mikolov and Bengio, ICML 2013 (norm clipping applied per tensor).
     """
-    max_norm = check_threshold("max_norm", max_norm)
     p, eps = check_ord(ord), check_eps(eps)
     flat, k = flatten_arrays(tree)
+    max_norm = check_threshold("max_norm", max_norm, k.xp if k else None)
     if k is None:
         return tree
-    return flat.unflatten(k.run(_clip_each, flat.leaves, max_norm, p=p, eps=eps))
+    return flat.unflatten(k.run(_clip_each, flat.leaves, max_norm, eps, p=p))
 
 
 def clip_by_value(tree: Any, clip_value: Any) -> Any:
@@ -159,8 +161,8 @@ def clip_by_value(tree: Any, clip_value: Any) -> Any:
         Mikolov, "Statistical language models based on neural networks", 2012
         (element-wise gradient clipping).
     """
-    clip_value = check_threshold("clip_value", clip_value)
     flat, k = flatten_arrays(tree)
+    clip_value = check_threshold("clip_value", clip_value, k.xp if k else None)
     if k is None:
         return tree
     return flat.unflatten(k.run(_clip_values, flat.leaves, clip_value))

@@ -55,10 +55,14 @@ class Kernels:
             return xp.float64
         return xp.float32
 
-    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
-        """Whether sum(|x|**p) could overflow ``acc`` for finite leaves (static check)."""
+    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+        """Whether the norm needs the range guard: sum(|x|**p) of finite leaves could
+        overflow or underflow ``acc`` (a static check on dtypes, sizes and p)."""
         size = sum(math.prod(leaf.shape) for leaf in leaves)
-        return self.overflow_possible({leaf.dtype for leaf in leaves}, size, p, acc)
+        dtypes = {leaf.dtype for leaf in leaves}
+        return self.overflow_possible(dtypes, size, p, acc) or self.underflow_possible(
+            dtypes, p, acc
+        )
 
     def overflow_possible(self, dtypes: Iterable[Any], size: int, p: float, acc: Any) -> bool:
         """Whether ``size`` finite values of ``dtypes`` can overflow ``acc`` in sum(|x|**p)."""
@@ -68,6 +72,15 @@ class Kernels:
         worst = max((math.log10(float(finfo(dtype).max)) for dtype in dtypes), default=0.0)
         acc_digits = math.log10(float(finfo(acc).max))
         return p * worst + math.log10(max(size, 1)) >= acc_digits
+
+    def underflow_possible(self, dtypes: Iterable[Any], p: float, acc: Any) -> bool:
+        """Whether |x|**p of the tiniest nonzero value of ``dtypes`` falls below ``acc``'s
+        normal range (its digits, or all of it, lost)."""
+        if math.isinf(p):
+            return False
+        finfo = self.xp.finfo
+        tiniest = min((_log10_tiniest(finfo(dtype)) for dtype in dtypes), default=0.0)
+        return p * tiniest < math.log10(float(finfo(acc).smallest_normal))
 
     # -- reductions -------------------------------------------------------
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
@@ -115,10 +128,32 @@ class Kernels:
         """``fn(self, *arrays, **static)``; JAX compiles it (once per options and shapes)."""
         return fn(self, *arrays, **static)
 
-    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
-        """``value`` where finite, else ``fallback()``; branch-free generic version."""
-        xp = self.xp
-        return xp.where(xp.isfinite(value), value, fallback())
+    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
+        """``value`` where the 0-d bool ``keep`` holds, else ``fallback()``.
+
+        Branch-free generic version (both are computed); backends that can
+        branch cheaply (host values, ``lax.cond``) compute ``fallback`` only
+        when it is needed.
+        """
+        return self.xp.where(keep, value, fallback())
+
+    # -- value clipping ---------------------------------------------------
+    def value_bound(self, dtype: Any, clip_value: Any) -> Any:
+        """``clip_value`` capped at ``dtype``'s largest finite value.
+
+        A bound beyond the dtype's range clips nothing finite; capping it keeps
+        the cast from overflowing (float16 has no 1e5), so one dtype group can
+        never fail after another was already clipped.
+        """
+        top = float(self.xp.finfo(dtype).max)
+        if isinstance(clip_value, float):
+            return min(clip_value, top)
+        return self.xp.astype(self.xp.minimum(clip_value, top), dtype)
+
+    def clip_values(self, leaf: Any, clip_value: Any) -> Any:
+        """``leaf`` clipped into ``[-clip_value, clip_value]``; NaN stays NaN."""
+        bound = self.value_bound(leaf.dtype, clip_value)
+        return self.xp.clip(leaf, -bound, bound)
 
     # -- scaling ----------------------------------------------------------
     def scale(self, leaves: Sequence[Any], factor: Any) -> list[Any]:
@@ -147,6 +182,11 @@ class Kernels:
     def _to_device_of(self, value: Any, like: Any) -> Any:
         device = compat.device(like)
         return value if compat.device(value) == device else compat.to_device(value, device)
+
+
+def _log10_tiniest(finfo: Any) -> float:
+    """log10 of the smallest positive subnormal of a floating dtype."""
+    return math.log10(float(finfo.smallest_normal)) + math.log10(float(finfo.eps))
 
 
 def _size(x: Any) -> int:

@@ -21,6 +21,18 @@ def root(k: Kernels, total: Any, p: float) -> Any:
     return xp.where(zero, xp.zeros_like(total), safe ** (1.0 / p))
 
 
+def underflow_floor(size: int) -> float:
+    """Below this, a sum of ``size`` p-th powers may have lost digits to underflow.
+
+    A power computed in float32 that falls under float32's normal range keeps
+    at most ~2^-149 absolute precision; ``size`` of them can shift the sum by
+    ``size * 2^-149``. A sum at least ``size * 2^-122`` is therefore within
+    ~1e-8 of the exact one. (Kernels that compute powers in float64 are even
+    safer; a sum under the floor only costs them a second, rescaled pass.)
+    """
+    return max(size, 1) * 2.0**-122
+
+
 def norm_of_leaves(
     k: Kernels,
     leaves: Sequence[Any],
@@ -31,11 +43,13 @@ def norm_of_leaves(
 ) -> Any:
     """The p-norm of all leaves together, as a 0-d array of the accumulator dtype.
 
-    Fast path: one accurate pass of sum(|x|**p). Only when the accumulator can
-    overflow for finite inputs (a static check on dtypes, sizes and p) is the
-    result guarded: if it is not finite, the norm is recomputed on inputs
-    divided by their largest magnitude, which cannot overflow. How the guard
-    branches is the kernels' business (host ``if``, ``lax.cond`` or ``where``).
+    Fast path: one accurate pass of sum(|x|**p). Only when that sum can leave
+    the accumulator's range for finite inputs (a static check on dtypes,
+    sizes and p) is the result guarded: if it overflowed (not finite) or may
+    have underflowed (under :func:`underflow_floor`), the norm is recomputed
+    on inputs divided by their largest magnitude, which can do neither. How
+    the guard branches is the kernels' business (host ``if``, ``lax.cond`` or
+    ``where``).
 
     ``sum_across`` / ``max_across`` combine partial results over devices
     (``lax.psum`` / ``lax.pmax`` over a named axis in the JAX adapter).
@@ -44,8 +58,9 @@ def norm_of_leaves(
     acc = k.accumulator(leaves)
     if math.isinf(p):
         return max_across(k.max_abs(leaves, acc))
-    fast = root(k, sum_across(k.sum_of_powers(leaves, p, acc)), p)
-    if not k.may_overflow(leaves, p, acc):
+    total = sum_across(k.sum_of_powers(leaves, p, acc))
+    fast = root(k, total, p)
+    if not k.needs_guard(leaves, p, acc):
         return fast
 
     def rescaled() -> Any:
@@ -54,10 +69,13 @@ def norm_of_leaves(
         divisor = xp.where(usable, peak, xp.ones_like(peak))
         scaled_total = sum_across(k.sum_of_powers(leaves, p, acc, scale=1.0 / divisor))
         norm = divisor * root(k, scaled_total, p)
-        # Non-finite inputs keep the fast result (inf or NaN), as torch does.
+        # Non-finite inputs keep the fast result (inf or NaN), as torch does;
+        # all-zero inputs keep 0.
         return xp.where(usable, norm, fast)
 
-    return k.if_not_finite(fast, rescaled)
+    size = sum(math.prod(leaf.shape) for leaf in leaves)
+    in_range = xp.isfinite(total) & (total >= underflow_floor(size))
+    return k.select(in_range, fast, rescaled)
 
 
 def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: float) -> Any:

@@ -32,8 +32,8 @@ class JaxKernels(Kernels):
         # cost ~1 s per call; jit caches per tree structure, shapes and dtypes.
         return _compiled(fn, self, tuple(sorted(static.items())))(*arrays)
 
-    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
-        return jax.lax.cond(jnp.isfinite(value), lambda: value, fallback)
+    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
+        return jax.lax.cond(keep, lambda: value, fallback)
 
     def _to_device_of(self, value: Any, like: Any) -> Any:
         return value  # XLA places scalars; tracers have no device to ask

@@ -20,8 +20,8 @@ def _work_dtype(x: np.ndarray) -> type:
 
 
 class NumpyKernels(Kernels):
-    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
-        # Blocks are summed in float32; the guard is one host isfinite, so always keep it.
+    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+        # Blocks are summed in float32; the guard is one host check, so always keep it.
         return True
 
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
@@ -39,6 +39,8 @@ class NumpyKernels(Kernels):
                 float(np.dot(block, block))
                 for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))
             )
+        if scale is not None:
+            work = np.float64  # the rare rescaled pass: 1 / a subnormal peak overflows float32
         factor: np.ndarray | None = None if scale is None else np.asarray(scale, dtype=work)
         buf: np.ndarray = np.empty(min(flat.size, NP_BLOCK), dtype=work)
         total = 0.0
@@ -52,8 +54,8 @@ class NumpyKernels(Kernels):
             total += float(np.sum(pow_abs(np, tmp, p)))
         return total
 
-    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
-        return value if np.isfinite(value) else fallback()
+    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
+        return value if bool(keep) else fallback()
 
     def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
         """In place; no pass at all when the factor is exactly 1 (nothing to clip)."""

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .._checks import check_threshold
 from ._torch_grads import (
     Labels,
     collect_grads,
@@ -16,6 +15,7 @@ from ._torch_grads import (
     norm_type_arg,
     result_norm,
     scale_grads_,
+    threshold,
     total_norm_of,
 )
 
@@ -76,7 +76,7 @@ class GradientClipCallback:
         check_every: int = 1,
         foreach: bool | None = None,
     ):
-        self.max_norm = check_threshold("max_norm", max_norm)
+        self.max_norm = threshold("max_norm", max_norm)
         self.norm_type = norm_type_arg(norm_type)
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
@@ -84,7 +84,7 @@ class GradientClipCallback:
         self.warn_nonfinite = warn_nonfinite
         self.check_every = check_every
         self.foreach = foreach
-        self._params: list[torch.nn.Parameter] = []
+        self._params: list[torch.nn.Parameter] | None = None  # None until set_model
         self._names: list[str] = []
         self.steps = 0
         self._clipped: Any = 0
@@ -99,16 +99,22 @@ class GradientClipCallback:
         self._names = [name for name, _ in named]
         self._params = [param for _, param in named]
 
+    @torch.no_grad()
     def on_after_backward(self) -> torch.Tensor:
-        """Clip the gradients in place; returns the pre-clip total norm."""
-        if not self._names:
+        """Clip the gradients in place; returns the pre-clip total norm.
+
+        A step counts once it has succeeded: with ``error_if_nonfinite=True``
+        a step that raises leaves ``steps`` and the gradients as they were.
+        """
+        if self._params is None:
             raise RuntimeError("call set_model(model) before on_after_backward()")
         grads, labels = collect_grads(self._params, self._names)
-        self.steps += 1
         if not grads:
+            self.steps += 1
             self.last_norm = empty_norm()
             return self.last_norm
         norm = total_norm_of(grads, labels, self.norm_type, self.error_if_nonfinite)
+        self.steps += 1
         self._clipped = self._clipped + (norm > self.max_norm)
         self._nonfinite = self._nonfinite | ~torch.isfinite(norm)
         if self.warn_nonfinite and self._should_check(norm):

@@ -3,16 +3,18 @@ norm with a clear non-finite error, and the in-place scale."""
 
 from __future__ import annotations
 
+import types
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from array_api_compat import torch as compat_torch
 
-from .._checks import check_ord
+from .._checks import check_ord, check_threshold
 from .._kernels import kernels_for
 from .._norms import clip_coefficient, norm_of_leaves
-from ._torch_kernels import GroupedTensors, TorchKernels
+from ._torch_kernels import GroupedTensors, TorchKernels, group_by_device_and_dtype
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
@@ -34,6 +36,23 @@ def norm_type_arg(norm_type: Any) -> float:
 
 def as_list(tensors: TensorOrTensors) -> list[Any]:
     return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+
+
+def parameters_list(parameters: TensorOrTensors) -> list[Any]:
+    """The parameters as a list, warning like torch when handed an empty generator
+    (usually one already consumed by an earlier call)."""
+    params = as_list(parameters)
+    if not params and isinstance(parameters, types.GeneratorType):
+        warnings.warn(
+            "`parameters` is an empty generator, no gradient clipping will occur.",
+            stacklevel=4,
+        )
+    return params
+
+
+def threshold(name: str, value: Any) -> Any:
+    """``check_threshold`` for torch gradients (a CPU tensor is checked like a number)."""
+    return check_threshold(name, value, compat_torch)
 
 
 def check_tensor(tensor: Any, label: str) -> None:
@@ -121,8 +140,17 @@ def nonfinite_labels(grads: list[torch.Tensor], labels: Labels) -> list[str]:
 
 
 def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: Labels) -> None:
-    if bool(torch.isfinite(norm)):
+    # The returned norm is checked too: finite gradients can have a norm beyond
+    # float32's range (four values of 3.4e38), which would come back as inf.
+    returned = result_norm(norm, grads)
+    if bool(torch.isfinite(returned)):
         return
+    if bool(torch.isfinite(norm)):
+        raise RuntimeError(
+            f"The total norm of the gradients is {float(norm):.6g}, beyond the range of the "
+            f"{returned.dtype} it is returned in (it would read inf). Nothing was clipped. "
+            "Set error_if_nonfinite=False to clip anyway (the clip itself uses the exact norm)."
+        )
     bad = nonfinite_labels(grads, labels)
     raise RuntimeError(
         f"The total norm of the gradients is {float(norm)}; non-finite gradients in: "
@@ -142,7 +170,34 @@ def total_norm_of(
 
 
 def scale_grads_(
-    grads: list[torch.Tensor], max_norm: float, norm: torch.Tensor, foreach: bool | None
+    grads: list[torch.Tensor], max_norm: Any, norm: torch.Tensor, foreach: bool | None
 ) -> None:
     kernels = _kernels()
     kernels.scale_(grads, clip_coefficient(kernels, norm, max_norm, EPS), foreach=foreach)
+
+
+def clamp_grads_(grads: GroupedTensors, clip_value: Any, foreach: bool | None) -> None:
+    """Clip every element into ``[-clip_value, clip_value]`` in place.
+
+    The bounds of every dtype group are computed before the first write (a
+    bound beyond float16's range is capped), so no group can fail after
+    another was clipped.
+    """
+    kernels = _kernels()
+    groups = group_by_device_and_dtype(grads)
+    bounds = [_bound_for(kernels, group, clip_value) for group in groups]
+    for group, bound in zip(groups, bounds, strict=True):
+        if foreach is False:
+            for grad in group:
+                grad.clamp_(-bound, bound)
+        elif isinstance(bound, float):
+            torch._foreach_clamp_min_(group, -bound)
+            torch._foreach_clamp_max_(group, bound)
+        else:  # a device tensor bound: foreach takes scalars only
+            for grad in group:
+                torch.clamp(grad, -bound, bound, out=grad)
+
+
+def _bound_for(kernels: TorchKernels, group: list[torch.Tensor], clip_value: Any) -> Any:
+    bound = kernels.value_bound(group[0].dtype, clip_value)
+    return bound if isinstance(bound, float) else bound.to(group[0].device)

@@ -76,13 +76,16 @@ class TorchKernels(Kernels):
         wide = any(group[0].dtype == torch.float64 for group in groups)
         return torch.float64 if wide else torch.float32
 
-    def may_overflow(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
         groups = group_by_device_and_dtype(leaves)
         if any(group[0].is_cpu for group in groups):
             return True
         size = sum(tensor.numel() for tensor in leaves)
-        return self.overflow_possible((group[0].dtype for group in groups), size, p, acc)
+        dtypes = {group[0].dtype for group in groups}
+        return self.overflow_possible(dtypes, size, p, acc) or self.underflow_possible(
+            dtypes, p, acc
+        )
 
     def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
@@ -132,10 +135,10 @@ class TorchKernels(Kernels):
         device = parts[0].device
         return torch.stack([part.to(device) for part in parts])
 
-    def if_not_finite(self, value: Any, fallback: Callable[[], Any]) -> Any:
-        if value.is_cpu:
-            return value if bool(torch.isfinite(value)) else fallback()
-        return torch.where(torch.isfinite(value), value, fallback())
+    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
+        if keep.is_cpu:
+            return value if bool(keep) else fallback()
+        return torch.where(keep, value, fallback())
 
     def scale_(self, leaves: Sequence[Any], factor: Any, foreach: bool | None = None) -> None:
         """In place; on CPU no pass at all when the factor is exactly 1."""

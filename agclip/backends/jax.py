@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
 from .._clip import _clip_each, _clip_values
@@ -94,6 +95,12 @@ def _kernels() -> Kernels:
     return kernels_for(jnp)
 
 
+def _order(ord: Any) -> float:
+    """The norm order; ``None`` is 2. (A ``None`` default, unlike a number, is left
+    static by ``optax.inject_hyperparams``.)"""
+    return 2.0 if ord is None else check_ord(ord)
+
+
 def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
     """Validate and flatten ``updates``, run ``fn`` compiled; (new leaves, flat tree)."""
     flat = flatten(updates)
@@ -104,7 +111,7 @@ def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
 
 
 def _clip_global_across(
-    k: Kernels, leaves: list[Any], max_norm: Any, *, p: float, eps: float, axis_name: Any
+    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, axis_name: Any
 ) -> Any:
     if axis_name is None:
         norm = norm_of_leaves(k, leaves, p)
@@ -121,15 +128,18 @@ def _clip_global_across(
 
 
 def clip_by_global_norm(
-    max_norm: float, *, ord: float = 2, eps: float = 1e-6, axis_name: Any = None
+    max_norm: float, *, ord: float | None = None, eps: float = 1e-6, axis_name: Any = None
 ) -> Any:
     """Scale updates by ``min(1, max_norm / (global_norm + eps))``; the state keeps the norm.
 
     Args:
         max_norm: the largest global norm allowed, a finite number >= 0 (or a
             0-d array, e.g. a schedule's value).
-        ord: 2 (default), 1, ``inf`` or any p > 0.
-        eps: added to the norm before dividing (``0.0`` reproduces optax).
+        ord: ``None`` (default: 2), 1, ``inf`` or any p > 0. It picks the code
+            path, so it is static: under ``optax.inject_hyperparams`` pass
+            ``static_args=("ord",)`` to set it (the default needs nothing).
+        eps: added to the norm before dividing (``0.0`` reproduces optax);
+            injectable.
         axis_name: under ``pmap`` / ``shard_map``, the axis to ``psum`` the norm
             over so every shard clips by the same global norm.
 
@@ -137,8 +147,8 @@ def clip_by_global_norm(
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
         neural networks", ICML 2013.
     """
-    max_norm = check_threshold("max_norm", max_norm)
-    p, eps = check_ord(ord), check_eps(eps)
+    max_norm = check_threshold("max_norm", max_norm, jnp)
+    p, eps = _order(ord), check_eps(eps)
 
     def init(params: Any) -> ClipByGlobalNormState:
         del params
@@ -146,9 +156,7 @@ def clip_by_global_norm(
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        out, flat = _apply(
-            updates, _clip_global_across, max_norm, p=p, eps=eps, axis_name=axis_name
-        )
+        out, flat = _apply(updates, _clip_global_across, max_norm, eps, p=p, axis_name=axis_name)
         if out is None:
             return updates, ClipByGlobalNormState(norm=jnp.zeros((), jnp.float32))
         clipped, norm = out
@@ -170,20 +178,51 @@ def _stateless(fn: Any, *args: Any, **static: Any) -> Any:
     return _transformation(init, update)
 
 
-def clip_by_norm(max_norm: float, *, ord: float = 2, eps: float = 1e-6) -> Any:
-    """Scale each update leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``."""
-    max_norm = check_threshold("max_norm", max_norm)
-    return _stateless(_clip_each, max_norm, p=check_ord(ord), eps=check_eps(eps))
+def clip_by_norm(max_norm: float, *, ord: float | None = None, eps: float = 1e-6) -> Any:
+    """Scale each update leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
+
+    Args:
+        max_norm: the largest norm allowed per leaf, a finite number >= 0 (or a
+            0-d array); injectable.
+        ord: ``None`` (default: 2), 1, ``inf`` or any p > 0; static (see
+            :func:`clip_by_global_norm`).
+        eps: added to each norm before dividing; injectable.
+
+    References:
+        Pascanu, Mikolov and Bengio, ICML 2013 (norm clipping applied per tensor).
+    """
+    max_norm = check_threshold("max_norm", max_norm, jnp)
+    return _stateless(_clip_each, max_norm, check_eps(eps), p=_order(ord))
 
 
 def clip_by_value(clip_value: float) -> Any:
-    """Clip every update element into ``[-clip_value, clip_value]``."""
-    return _stateless(_clip_values, check_threshold("clip_value", clip_value))
+    """Clip every update element into ``[-clip_value, clip_value]``.
+
+    Args:
+        clip_value: a finite number >= 0 (or a 0-d array); injectable.
+
+    References:
+        Mikolov, "Statistical language models based on neural networks", 2012.
+    """
+    return _stateless(_clip_values, check_threshold("clip_value", clip_value, jnp))
 
 
 def zero_nonfinite() -> Any:
     """Replace NaN, +inf and -inf in the updates with 0 (optax's zero_nans only handles NaN)."""
     return _stateless(_zero_nonfinite)
+
+
+def _check_count(name: str, value: Any) -> None:
+    """An int >= 0. A 0-d integer array is checked when it lives on the host; a JAX
+    array (a tracer under ``inject_hyperparams``) passes unread, like thresholds."""
+    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
+        return
+    if getattr(value, "shape", None) == () and np.issubdtype(
+        getattr(value, "dtype", None), np.integer
+    ):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
 def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
@@ -192,11 +231,17 @@ def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
     A non-finite step yields zero updates and leaves ``inner``'s state as it
     was; after more than ``max_consecutive_errors`` such steps in a row, the
     update is applied anyway. The state counts consecutive and total failures.
+
+    Args:
+        inner: the transformation to guard (an optax ``GradientTransformation``).
+        max_consecutive_errors: an int >= 0 (or a 0-d integer array: it works
+            under ``optax.inject_hyperparams``).
+
+    References:
+        Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping
+        steps with non-finite gradients).
     """
-    if not isinstance(max_consecutive_errors, int) or max_consecutive_errors < 0:
-        raise ValueError(
-            f"max_consecutive_errors must be an int >= 0, got {max_consecutive_errors!r}"
-        )
+    _check_count("max_consecutive_errors", max_consecutive_errors)
 
     def init(params: Any) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(
@@ -207,8 +252,9 @@ def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
         )
 
     def update(updates: Any, state: ApplyIfFiniteState, params: Any = None) -> tuple[Any, Any]:
-        leaves = jax.tree_util.tree_leaves(updates)
-        finite = _all_finite(_kernels(), leaves) if leaves else jnp.asarray(True)
+        flat = flatten(updates)
+        leaf_namespace(flat.leaves, flat.paths)
+        finite = _all_finite(_kernels(), flat.leaves) if flat.leaves else jnp.asarray(True)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params)
         count = jnp.where(finite, 0, state.notfinite_count + 1)
         apply = finite | (count > max_consecutive_errors)

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 from array_api_compat import numpy as compat_numpy
 
-from .._checks import check_eps, check_ord, check_threshold
+from .._checks import check_eps, check_ord, check_precision, check_threshold
 from .._kernels import kernels_for
 from .._norms import clip_coefficient, norm_of_leaves
 
@@ -42,6 +42,7 @@ def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
             raise TypeError(
                 f"arrays[{index}] has dtype {array.dtype}; gradients must be floating point"
             )
+        check_precision(array.dtype, f"arrays[{index}]")
         if not array.flags.writeable:
             raise ValueError(f"arrays[{index}] is read-only; it cannot be clipped in place")
         checked.append(array)
@@ -70,7 +71,7 @@ def clip_by_global_norm_(
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
         neural networks", ICML 2013.
     """
-    max_norm = check_threshold("max_norm", max_norm)
+    max_norm = check_threshold("max_norm", max_norm, compat_numpy)
     p, eps = check_ord(ord), check_eps(eps)
     leaves = _writable_arrays(arrays)
     norm = norm_of_leaves(_kernels, leaves, p)
@@ -84,6 +85,7 @@ def clip_by_value_(arrays: Iterable[np.ndarray | None], clip_value: float) -> No
     References:
         Mikolov, "Statistical language models based on neural networks", 2012.
     """
-    clip_value = check_threshold("clip_value", clip_value)
+    clip_value = check_threshold("clip_value", clip_value, compat_numpy)
     for array in _writable_arrays(arrays):
-        np.clip(array, -clip_value, clip_value, out=array)
+        bound = _kernels.value_bound(array.dtype, clip_value)
+        np.clip(array, -bound, bound, out=array)

@@ -25,22 +25,23 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_threshold
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_grads import (
     Labels,
     TensorOrTensors,
     as_list,
     check_tensor,
+    clamp_grads_,
     collect_grads,
     empty_norm,
     grouped_floats,
     norm_type_arg,
+    parameters_list,
     result_norm,
     scale_grads_,
+    threshold,
     total_norm_of,
 )
-from ._torch_kernels import group_by_device_and_dtype
 
 __all__ = [
     "GradientClipCallback",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 
+@torch.no_grad()
 def clip_grad_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -83,9 +85,9 @@ def clip_grad_norm_(
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
         neural networks", ICML 2013.
     """
-    max_norm = check_threshold("max_norm", max_norm)
+    max_norm = threshold("max_norm", max_norm)
     p = norm_type_arg(norm_type)
-    grads, labels = collect_grads(parameters)
+    grads, labels = collect_grads(parameters_list(parameters))
     if not grads:
         return empty_norm()
     norm = total_norm_of(grads, labels, p, error_if_nonfinite)
@@ -96,6 +98,7 @@ def clip_grad_norm_(
 clip_grad_norm = clip_grad_norm_
 
 
+@torch.no_grad()
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,
@@ -123,6 +126,7 @@ def get_total_norm(
     return result_norm(norm, tensors)
 
 
+@torch.no_grad()
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -131,12 +135,13 @@ def clip_grads_with_norm_(
 ) -> None:
     """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` in place
     (like ``torch.nn.utils.clip_grads_with_norm_``)."""
-    max_norm = check_threshold("max_norm", max_norm)
+    max_norm = threshold("max_norm", max_norm)
     grads, _ = collect_grads(parameters)
     if grads:
         scale_grads_(grads, max_norm, torch.as_tensor(total_norm, dtype=torch.float64), foreach)
 
 
+@torch.no_grad()
 def clip_grad_value_(
     parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
 ) -> None:
@@ -146,12 +151,6 @@ def clip_grad_value_(
     References:
         Mikolov, "Statistical language models based on neural networks", 2012.
     """
-    clip_value = check_threshold("clip_value", clip_value)
+    clip_value = threshold("clip_value", clip_value)
     grads, _ = collect_grads(parameters)
-    for group in group_by_device_and_dtype(grads):
-        if foreach is False:
-            for grad in group:
-                grad.clamp_(-clip_value, clip_value)
-        else:
-            torch._foreach_clamp_min_(group, -clip_value)
-            torch._foreach_clamp_max_(group, clip_value)
+    clamp_grads_(grads, clip_value, foreach)
