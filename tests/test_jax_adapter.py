@@ -237,3 +237,60 @@ def test_sharded_and_axis_name_results_equal_unsharded():
         [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and "sharded ok" in out.stdout, out.stdout + out.stderr
+
+
+INJECTABLE = {
+    "clip_by_global_norm": (agj.clip_by_global_norm, {"max_norm": 1.0}),
+    "clip_by_norm": (agj.clip_by_norm, {"max_norm": 1.0}),
+    "clip_by_value": (agj.clip_by_value, {"clip_value": 1.0}),
+    "zero_nonfinite": (agj.zero_nonfinite, {}),
+    "apply_if_finite": (
+        lambda max_consecutive_errors: agj.apply_if_finite(optax.sgd(1.0), max_consecutive_errors),
+        {"max_consecutive_errors": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(INJECTABLE))
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_every_transform_works_under_inject_hyperparams(name, jit):
+    factory, hyperparams = INJECTABLE[name]
+    plain = factory(**hyperparams)
+    injected = optax.inject_hyperparams(factory)(**hyperparams)
+    params = random_tree(0)
+    updates = random_tree(1)
+    update = jax.jit(injected.update) if jit else injected.update
+    got, state = update(updates, injected.init(params), params)
+    want, _ = plain.update(updates, plain.init(params), params)
+    assert_trees_close(got, want, rtol=1e-6)
+    if "max_norm" in hyperparams:  # a threshold changed during training takes effect
+        state.hyperparams["max_norm"] = jnp.asarray(0.5)
+        smaller, _ = update(updates, state, params)
+        halved, _ = factory(max_norm=0.5).update(updates, plain.init(params), params)
+        assert_trees_close(smaller, halved, rtol=1e-6)
+
+
+def test_inject_hyperparams_with_a_static_order_and_a_schedule():
+    schedule = optax.linear_schedule(1.0, 0.1, transition_steps=4)
+    tx = optax.inject_hyperparams(agj.clip_by_global_norm, static_args=("ord",))(
+        max_norm=schedule, ord=1
+    )
+    updates = {"w": jnp.full(4, 10.0)}
+    state = tx.init(updates)
+    step = jax.jit(tx.update)
+    for count in range(3):
+        clipped, state = step(updates, state)
+        np.testing.assert_allclose(
+            float(jnp.abs(clipped["w"]).sum()), float(schedule(count)), rtol=1e-5
+        )
+
+
+def test_eps_and_thresholds_from_host_arrays_are_checked():
+    with pytest.raises(ValueError, match="eps"):
+        agj.clip_by_global_norm(1.0, eps=np.array(-1.0))
+    with pytest.raises(ValueError, match="max_norm"):
+        agj.clip_by_global_norm(np.array(np.nan))
+    with pytest.raises(ValueError, match="max_consecutive_errors"):
+        agj.apply_if_finite(optax.sgd(1.0), np.array(-1))
+    with pytest.raises(TypeError, match="max_norm is a torch array"):
+        agj.clip_by_norm(pytest.importorskip("torch").tensor(1.0))
