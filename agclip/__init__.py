@@ -1,7 +1,7 @@
 """agclip: framework-agnostic gradient clipping over the Python array API.
 
 The math is written once, as pure functions over array-API arrays in any
-pytree; adapters in :mod:`agclip.backends` give PyTorch, JAX/optax and NumPy
+pytree; adapters in ``agclip.backends`` give PyTorch, JAX/optax and NumPy
 users the interface their ecosystem expects. ``import agclip`` imports no
 framework.
 """

@@ -55,7 +55,7 @@ def global_norm(tree: Any, *, ord: float = 2) -> Any:
         ord: 2 (default), 1, ``inf`` or any finite p > 0.
 
     Returns:
-        A 0-d array of the leaves' library and device: float32 for 16- and
+        A 0-d array of the leaves' library and device, float32 for 16- and
         32-bit leaves, float64 when any leaf is float64. An empty tree gives a
         NumPy float32 zero.
 
@@ -91,8 +91,8 @@ def clip_by_global_norm(
         eps: added to the norm before dividing; >= 0.
 
     Returns:
-        ``(clipped, norm)``: a new tree of the same structure and dtypes, and
-        the pre-clip global norm (see :func:`global_norm`).
+        The pair ``(clipped, norm)``, a new tree of the same structure and dtypes and
+        the pre-clip global norm (see [`global_norm`][agclip.global_norm]).
 
     Examples:
         >>> import numpy as np, agclip

@@ -1,6 +1,6 @@
 """The few primitives a backend may override, with generic array-API versions.
 
-The core (``_norms``, ``_clip``) only talks to a :class:`Kernels` object.
+The core (``_norms``, ``_clip``) only talks to a ``Kernels`` object.
 ``kernels_for(xp)`` picks the backend's subclass (NumPy: BLAS blocks; PyTorch:
 foreach and row-blocked norms; JAX: ``lax.cond``) or this generic one, which
 works on any array-API library.

@@ -46,7 +46,7 @@ def norm_of_leaves(
     Fast path: one accurate pass of sum(|x|**p). Only when that sum can leave
     the accumulator's range for finite inputs (a static check on dtypes,
     sizes and p) is the result guarded: if it overflowed (not finite) or may
-    have underflowed (under :func:`underflow_floor`), the norm is recomputed
+    have underflowed (under ``underflow_floor``), the norm is recomputed
     on inputs divided by their largest magnitude, which can do neither. How
     the guard branches is the kernels' business (host ``if``, ``lax.cond`` or
     ``where``).

@@ -75,4 +75,5 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     """A Markdown table."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
+    # The blank line first: a caption printed just above would otherwise run into it.
+    return "\n" + "\n".join(lines)

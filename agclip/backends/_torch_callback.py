@@ -27,12 +27,12 @@ class NonFiniteGradientWarning(RuntimeWarning):
 class GradientClipCallback:
     """Clip a model's gradients after each backward pass and keep statistics.
 
-    Call :meth:`set_model` once, then :meth:`on_after_backward` after every
+    Call ``set_model`` once, then ``on_after_backward`` after every
     ``loss.backward()`` (after ``scaler.unscale_(optimizer)`` with AMP) and
     before ``optimizer.step()``.
 
     It is also an early-warning system: when gradients go non-finite it names
-    the parameters (``head.weight``) in a :class:`NonFiniteGradientWarning`, or
+    the parameters (``head.weight``) in a ``NonFiniteGradientWarning``, or
     raises ``RuntimeError`` before touching anything with
     ``error_if_nonfinite=True``. On CPU the check is free. On other devices it
     reads one flag every ``check_every`` steps (default 1); raise it to avoid a

@@ -185,7 +185,7 @@ def clip_by_norm(max_norm: float, *, ord: float | None = None, eps: float = 1e-6
         max_norm: the largest norm allowed per leaf, a finite number >= 0 (or a
             0-d array); injectable.
         ord: ``None`` (default: 2), 1, ``inf`` or any p > 0; static (see
-            :func:`clip_by_global_norm`).
+            [`clip_by_global_norm`][agclip.backends.jax.clip_by_global_norm]).
         eps: added to each norm before dividing; injectable.
 
     References:
@@ -208,7 +208,23 @@ def clip_by_value(clip_value: float) -> Any:
 
 
 def zero_nonfinite() -> Any:
-    """Replace NaN, +inf and -inf in the updates with 0 (optax's zero_nans only handles NaN)."""
+    """Replace NaN, +inf and -inf in the updates with 0 (optax's zero_nans only handles NaN).
+
+    Takes no arguments and keeps no state (``optax.EmptyState``): unlike
+    optax's ``zero_nans``, it does not record which leaves held NaN.
+
+    Returns:
+        An optax ``GradientTransformation`` whose ``update`` returns the cleaned
+        updates and the unchanged state.
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from agclip.backends.jax import zero_nonfinite
+        >>> tx = zero_nonfinite()
+        >>> updates, _ = tx.update({"w": jnp.array([1.0, jnp.nan, jnp.inf])}, tx.init(None))
+        >>> updates["w"].tolist()
+        [1.0, 0.0, 0.0]
+    """
     return _stateless(_zero_nonfinite)
 
 

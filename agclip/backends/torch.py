@@ -78,7 +78,7 @@ def clip_grad_norm_(
             kernels; ``True`` foreach kernels.
 
     Returns:
-        The pre-clip total norm: a 0-d float32 tensor (float64 if any gradient
+        The pre-clip total norm, a 0-d float32 tensor (float64 if any gradient
         is float64) on the first gradient's device.
 
     References:
