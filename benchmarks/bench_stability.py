@@ -122,11 +122,23 @@ def plot(stats: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, len(LRS), figsize=(11, 7), squeeze=False)
     for col, (cell, lrs) in enumerate(LRS.items()):
+        reached_any = False
         for config in CONFIGS:
             div = [stats[(cell, lr, config)]["diverged"] for lr in lrs]
             med = [stats[(cell, lr, config)]["median"] or np.nan for lr in lrs]
+            reached_any |= not all(np.isnan(med))
             axes[0][col].plot(lrs, div, marker="o", label=config)
             axes[1][col].plot(lrs, med, marker="o", label=config)
+        if not reached_any:  # say so, rather than draw an empty axis
+            axes[1][col].text(
+                0.5,
+                0.5,
+                f"no run reached MSE<{TARGET_LOSS}\nat any learning rate",
+                ha="center",
+                va="center",
+                transform=axes[1][col].transAxes,
+            )
+            axes[1][col].set_yticks([])
         axes[0][col].set(
             xscale="log", ylabel="divergence rate", title=LABELS[cell], ylim=(-0.05, 1.05)
         )

@@ -18,7 +18,8 @@ BACKENDS = {"torch": ("torch", "PyTorch"), "jax": ("optax", "JAX")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
+    summary = __doc__.split("\n\n")[0].replace("\n", " ")  # the first paragraph, whole
+    parser = argparse.ArgumentParser(prog="python -m demo", description=summary)
     parser.add_argument("--steps", type=int, default=1000, help="training steps per run (1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights (0)")
     parser.add_argument("--lr", type=float, default=1.0, help="SGD learning rate (1.0)")

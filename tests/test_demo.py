@@ -31,3 +31,34 @@ def test_demo_rejects_bad_options():
         parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--backend", "mxnet"])
+
+
+def test_demo_help_gives_the_whole_description(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "in PyTorch and JAX (whichever are installed)." in text
+
+
+def test_demo_table_says_what_its_columns_mean():
+    from demo.adding_problem import Run
+    from demo.report import table
+
+    run = Run(framework="PyTorch", config="no clipping", losses=[1.0, 2e3])
+    text = table([run])
+    assert "yes, at step 2" in text
+    assert "diverged: the training loss became inf/NaN or reached 1000" in text
+    assert "final loss: the mean training MSE of the last 20 steps" in text
+
+
+def test_demo_plot_colours_mean_the_same_configuration_in_every_panel():
+    from demo.report import _style
+
+    assert _style("global norm 1 (clip_grad_norm_)") == _style("global norm 1 (optax.chain)")
+    assert _style("value 0.1") == _style("value 0.1 (optax.chain)")
+    callback, function = (
+        _style("global norm 1 (callback)"),
+        _style("global norm 1 (clip_grad_norm_)"),
+    )
+    assert callback["linestyle"] != function["linestyle"]  # visible on top of its twin
+    assert len({_style(c)["color"] for c in ("no clipping", "value 0.1", "global norm 1")}) == 3
