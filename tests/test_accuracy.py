@@ -12,6 +12,8 @@ import pytest
 
 import agclip
 
+pytestmark = pytest.mark.slow  # hypothesis / large arrays: seconds per test
+
 N = 40_000_000
 
 

@@ -9,6 +9,7 @@ import pytest
 from demo.__main__ import main, parse_args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_demo_runs_and_unclipped_training_diverges(backend, tmp_path, capsys):
     if importlib.util.find_spec("torch" if backend == "torch" else "optax") is None:

@@ -161,6 +161,7 @@ def test_both_flatteners_give_the_same_leaves_and_paths(name):
     assert flatten(rebuilt, bridge_jax=False).paths == without.paths
 
 
+@pytest.mark.slow
 def test_tree_results_do_not_depend_on_whether_jax_was_imported():
     """The same script run with and without ``import jax`` first prints the same."""
     script = """

@@ -232,6 +232,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_and_axis_name_results_equal_unsharded():
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300

@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from backends import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_core import reference_norm
 
 import agclip
+
+pytestmark = pytest.mark.slow  # hypothesis / large arrays: seconds per test
 
 SETTINGS = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -320,6 +320,7 @@ def test_callback_in_a_real_training_loop_with_grad_scaler():
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.slow
 def test_torch_compile_of_a_training_step_with_clipping():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 1)
