@@ -93,3 +93,20 @@ def test_clip_by_value_rejects_bad_clip_value_untouched():
     with pytest.raises(ValueError, match="clip_value"):
         clip_by_value_(arrays, -1.0)
     assert arrays[0][0] == 5.0
+
+
+@pytest.mark.parametrize("bad", [np.array(-1.0), np.float32(np.nan), np.array(np.inf)])
+def test_bad_0d_thresholds_raise_before_any_change(bad):
+    arrays = [np.full(3, 4.0, np.float32), np.full(2, 3.0)]
+    with pytest.raises(ValueError, match="max_norm"):
+        clip_by_global_norm_(arrays, bad)
+    with pytest.raises(ValueError, match="clip_value"):
+        clip_by_value_(arrays, bad)
+    assert arrays[0].tolist() == [4.0] * 3 and arrays[1].tolist() == [3.0] * 2
+
+
+def test_0d_thresholds_and_float16_beyond_range():
+    arrays = [np.full(2, 2e5, np.float32), np.array([np.inf, -3.0], np.float16)]
+    clip_by_value_(arrays, np.array(1e5))
+    assert arrays[0].tolist() == [1e5, 1e5] and arrays[1].tolist() == [65504.0, -3.0]
+    assert clip_by_global_norm_([np.array([3.0, 4.0])], np.array(1.0)) == 5.0
