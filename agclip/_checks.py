@@ -12,9 +12,6 @@ import array_api_compat as compat
 import numpy as np
 from array_api_compat import array_namespace
 
-from ._kernels import Kernels, kernels_for
-from ._tree import FlatTree, flatten
-
 
 def is_concrete_number(value: Any) -> bool:
     """A host number we can inspect without a device sync (not an array)."""
@@ -146,10 +143,3 @@ def leaf_namespace(leaves: Sequence[Any], paths: Sequence[str]) -> ModuleType | 
             )
         check_precision(leaf.dtype, f"leaf {path}")
     return xp
-
-
-def flatten_arrays(tree: Any) -> tuple[FlatTree, Kernels | None]:
-    """Flatten ``tree`` and validate its leaves; ``None`` kernels for an empty tree."""
-    flat = flatten(tree)
-    xp = leaf_namespace(flat.leaves, flat.paths)
-    return flat, (kernels_for(xp) if xp is not None else None)

@@ -6,39 +6,19 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_eps, check_ord, check_threshold, flatten_arrays
-from ._kernels import Kernels
-from ._norms import clip_coefficient, norm_of_leaves
+from ._checks import check_eps, check_ord, check_threshold
+from ._dispatch import flatten_arrays
+from ._pipeline import (
+    clip_each_leaf,
+    clip_leaves_by_global_norm,
+    clip_leaves_by_value,
+    global_norm_of_leaves,
+)
 
 
 def _empty_norm() -> Any:
     # No leaves, so no library to answer in: a NumPy 0-d float32 zero.
     return np.zeros((), dtype=np.float32)
-
-
-# The array work of each public function, run through ``Kernels.run`` (which
-# compiles it on JAX). Arguments are validated before these are called;
-# thresholds and eps are array arguments (traced under jit: schedulable),
-# the norm order is static.
-def _global_norm(k: Kernels, leaves: list[Any], *, p: float) -> Any:
-    return k.xp.astype(norm_of_leaves(k, leaves, p), k.result_dtype(leaves))
-
-
-def _clip_global(k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float) -> Any:
-    norm = norm_of_leaves(k, leaves, p)
-    clipped = k.scale(leaves, clip_coefficient(k, norm, max_norm, eps))
-    return clipped, k.xp.astype(norm, k.result_dtype(leaves))
-
-
-def _clip_each(k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float) -> Any:
-    return [
-        k.scale([leaf], clip_coefficient(k, norm_of_leaves(k, [leaf], p), max_norm, eps))[0]
-        for leaf in leaves
-    ]
-
-
-def _clip_values(k: Kernels, leaves: list[Any], clip_value: Any) -> Any:
-    return [k.clip_values(leaf, clip_value) for leaf in leaves]
 
 
 def global_norm(tree: Any, *, ord: float = 2) -> Any:
@@ -72,7 +52,7 @@ def global_norm(tree: Any, *, ord: float = 2) -> Any:
     flat, k = flatten_arrays(tree)
     if k is None:
         return _empty_norm()
-    return k.run(_global_norm, flat.leaves, p=p)
+    return k.run(global_norm_of_leaves, flat.leaves, p=p)
 
 
 def clip_by_global_norm(
@@ -109,7 +89,7 @@ def clip_by_global_norm(
     max_norm = check_threshold("max_norm", max_norm, k.xp if k else None)
     if k is None:
         return tree, _empty_norm()
-    clipped, norm = k.run(_clip_global, flat.leaves, max_norm, eps, p=p)
+    clipped, norm = k.run(clip_leaves_by_global_norm, flat.leaves, max_norm, eps, p=p)
     return flat.unflatten(clipped), norm
 
 
@@ -139,7 +119,7 @@ def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6)
     max_norm = check_threshold("max_norm", max_norm, k.xp if k else None)
     if k is None:
         return tree
-    return flat.unflatten(k.run(_clip_each, flat.leaves, max_norm, eps, p=p))
+    return flat.unflatten(k.run(clip_each_leaf, flat.leaves, max_norm, eps, p=p))
 
 
 def clip_by_value(tree: Any, clip_value: Any) -> Any:
@@ -165,4 +145,4 @@ def clip_by_value(tree: Any, clip_value: Any) -> Any:
     clip_value = check_threshold("clip_value", clip_value, k.xp if k else None)
     if k is None:
         return tree
-    return flat.unflatten(k.run(_clip_values, flat.leaves, clip_value))
+    return flat.unflatten(k.run(clip_leaves_by_value, flat.leaves, clip_value))

@@ -6,18 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import flatten_arrays
-from ._kernels import Kernels
-
-
-def _all_finite(k: Kernels, leaves: list[Any]) -> Any:
-    xp = k.xp
-    return xp.all(k.gather([xp.all(xp.isfinite(leaf)) for leaf in leaves]))
-
-
-def _zero_nonfinite(k: Kernels, leaves: list[Any]) -> Any:
-    xp = k.xp
-    return [xp.where(xp.isfinite(leaf), leaf, xp.zeros_like(leaf)) for leaf in leaves]
+from ._dispatch import flatten_arrays
+from ._pipeline import leaves_all_finite, zero_nonfinite_leaves
 
 
 def all_finite(tree: Any) -> Any:
@@ -34,7 +24,7 @@ def all_finite(tree: Any) -> Any:
     flat, k = flatten_arrays(tree)
     if k is None:
         return np.asarray(True)
-    return k.run(_all_finite, flat.leaves)
+    return k.run(leaves_all_finite, flat.leaves)
 
 
 def nonfinite_paths(tree: Any) -> list[str]:
@@ -69,4 +59,4 @@ def zero_nonfinite(tree: Any) -> Any:
     flat, k = flatten_arrays(tree)
     if k is None:
         return tree
-    return flat.unflatten(k.run(_zero_nonfinite, flat.leaves))
+    return flat.unflatten(k.run(zero_nonfinite_leaves, flat.leaves))

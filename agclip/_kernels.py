@@ -1,16 +1,35 @@
-"""The few primitives a backend may override, with generic array-API versions.
+"""The kernel contract: the primitives a backend may override, with generic versions.
 
-The core (``_norms``, ``_clip``) only talks to a ``Kernels`` object.
-``kernels_for(xp)`` picks the backend's subclass (NumPy: BLAS blocks; PyTorch:
-foreach and row-blocked norms; JAX: ``lax.cond``) or this generic one, which
-works on any array-API library.
+The pipeline (``_pipeline``) talks only to a :class:`Kernels` object through the
+methods below; a backend subclass (``backends/_numpy_kernels``,
+``_torch_kernels``, ``_jax_kernels``) overrides any of them **with the same
+signature**. Per-call options (``foreach``) are constructor arguments;
+backend data computed once per call (PyTorch's device/dtype groups) rides on
+the :class:`Batch` that :meth:`Kernels.prepare` returns. This module imports
+no backend: ``_dispatch.kernels_for`` picks the subclass.
+
+The contract, in one place:
+
+=====================  ===============================================================
+``prepare(leaves)``    a :class:`Batch` of the leaves, once per call
+``accumulator``        dtype partial sums combine in
+``result_dtype``       dtype of a returned norm
+``needs_guard``        whether a norm needs the overflow/underflow guard (static)
+``sum_of_powers``      sum(|x * scale|**p) over the batch, a 0-d array
+``max_abs``            max(|x|) over the batch (NaN propagates)
+``stack``              stack 0-d arrays onto one device
+``select``             value if keep else fallback() (the guard's branch)
+``run``                run the array work of one call (JAX: compiled, cached)
+``scale`` / ``scale_``  multiply every leaf by a 0-d factor (new arrays / in place)
+``clip_values`` / ``clip_values_``  clip every element into [-v, v]
+=====================  ===============================================================
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from functools import cache
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -37,30 +56,61 @@ def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
     return xp.abs(x) ** p
 
 
-class Kernels:
-    """Generic array-API kernels. Pure functions; no in-place writes unless named ``_``."""
+@dataclass(frozen=True)
+class Batch:
+    """The leaves of one call, as the kernels prepared them.
 
-    def __init__(self, xp: ModuleType):
+    ``groups`` holds the leaves in groups of one device and dtype when the
+    backend needs them (PyTorch); the generic kernels leave it empty.
+    """
+
+    leaves: list[Any]
+    groups: list[list[Any]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.leaves)
+
+    @property
+    def size(self) -> int:
+        """The number of elements of all leaves together."""
+        return sum(math.prod(leaf.shape) for leaf in self.leaves)
+
+
+class Kernels:
+    """Generic array-API kernels. Pure functions; no in-place writes unless named ``_``.
+
+    Args:
+        xp: the array-API namespace of the leaves.
+        foreach: use fused multi-tensor kernels where the library has them
+            (``None``: where they are faster; ``False``: one tensor at a time).
+    """
+
+    def __init__(self, xp: ModuleType, *, foreach: bool | None = None):
         self.xp = xp
+        self.foreach = foreach
+
+    # -- preparing ----------------------------------------------------------
+    def prepare(self, leaves: Sequence[Any]) -> Batch:
+        """The leaves of one call as a :class:`Batch` (backend data computed once)."""
+        return Batch(list(leaves))
 
     # -- dtypes -----------------------------------------------------------
-    def accumulator(self, leaves: Sequence[Any]) -> Any:
+    def accumulator(self, batch: Batch) -> Any:
         """The dtype partial sums are combined in: float64 where the library has it."""
         return self.xp.float64
 
-    def result_dtype(self, leaves: Sequence[Any]) -> Any:
+    def result_dtype(self, batch: Batch) -> Any:
         """float64 when a leaf is float64, else float32 (the numerics contract)."""
         xp = self.xp
-        if any(leaf.dtype == xp.float64 for leaf in leaves):
+        if any(leaf.dtype == xp.float64 for leaf in batch.leaves):
             return xp.float64
         return xp.float32
 
-    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+    def needs_guard(self, batch: Batch, p: float, acc: Any) -> bool:
         """Whether the norm needs the range guard: sum(|x|**p) of finite leaves could
         overflow or underflow ``acc`` (a static check on dtypes, sizes and p)."""
-        size = sum(math.prod(leaf.shape) for leaf in leaves)
-        dtypes = {leaf.dtype for leaf in leaves}
-        return self.overflow_possible(dtypes, size, p, acc) or self.underflow_possible(
+        dtypes = {leaf.dtype for leaf in batch.leaves}
+        return self.overflow_possible(dtypes, batch.size, p, acc) or self.underflow_possible(
             dtypes, p, acc
         )
 
@@ -83,14 +133,14 @@ class Kernels:
         return p * tiniest < math.log10(float(finfo(acc).smallest_normal))
 
     # -- reductions -------------------------------------------------------
-    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
         xp = self.xp
         with quiet():
-            parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in leaves if _size(leaf)]
+            parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in batch.leaves if _size(leaf)]
             if not parts:
                 return xp.zeros((), dtype=acc)
-            return xp.sum(self.gather(parts))
+            return xp.sum(self.stack(parts))
 
     def _leaf_sum(self, x: Any, p: float, acc: Any, scale: Any) -> Any:
         xp = self.xp
@@ -107,18 +157,18 @@ class Kernels:
             total = total + xp.sum(pow_abs(xp, flat[rows * BLOCK :], p))
         return total
 
-    def max_abs(self, leaves: Sequence[Any], acc: Any) -> Any:
+    def max_abs(self, batch: Batch, acc: Any) -> Any:
         """max over leaves of max(|x|) as ``acc``; 0 for no elements; NaN propagates."""
         xp = self.xp
-        parts = [xp.astype(xp.max(xp.abs(leaf)), acc) for leaf in leaves if _size(leaf)]
+        parts = [xp.astype(xp.max(xp.abs(leaf)), acc) for leaf in batch.leaves if _size(leaf)]
         if not parts:
             return xp.zeros((), dtype=acc)
-        stacked = self.gather(parts)
+        stacked = self.stack(parts)
         # max() may drop NaN on some libraries; carry it explicitly.
         return xp.where(xp.any(xp.isnan(stacked)), xp.asarray(xp.nan, dtype=acc), xp.max(stacked))
 
-    def gather(self, parts: Sequence[Any]) -> Any:
-        """Stack 0-d arrays, moving them to the first one's device."""
+    def stack(self, parts: Sequence[Any]) -> Any:
+        """Stack 0-d arrays into one 1-d array on the first one's device."""
         xp = self.xp
         device = compat.device(parts[0])
         return xp.stack([compat.to_device(part, device) for part in parts])
@@ -137,6 +187,34 @@ class Kernels:
         """
         return self.xp.where(keep, value, fallback())
 
+    # -- scaling ----------------------------------------------------------
+    def scale(self, batch: Batch, factor: Any) -> list[Any]:
+        """Each leaf times ``factor`` (a 0-d array), as new arrays of the leaf's dtype.
+
+        16-bit leaves are multiplied in float32: a small factor cast to float16
+        first would lose its digits or flush to zero.
+        """
+        with quiet():
+            return [self._scaled(leaf, factor) for leaf in batch.leaves]
+
+    def _scaled(self, leaf: Any, factor: Any) -> Any:
+        xp = self.xp
+        work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
+        factor = xp.astype(self._on_device_of(factor, leaf), work)
+        if leaf.dtype == work:
+            return leaf * factor
+        return xp.astype(xp.astype(leaf, work) * factor, leaf.dtype)
+
+    def scale_(self, batch: Batch, factor: Any) -> None:
+        """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
+        with quiet():
+            for leaf in batch.leaves:
+                leaf[...] = self._scaled(leaf, factor)
+
+    def _on_device_of(self, value: Any, like: Any) -> Any:
+        device = compat.device(like)
+        return value if compat.device(value) == device else compat.to_device(value, device)
+
     # -- value clipping ---------------------------------------------------
     def value_bound(self, dtype: Any, clip_value: Any) -> Any:
         """``clip_value`` capped at ``dtype``'s largest finite value.
@@ -150,38 +228,16 @@ class Kernels:
             return min(clip_value, top)
         return self.xp.astype(self.xp.minimum(clip_value, top), dtype)
 
-    def clip_values(self, leaf: Any, clip_value: Any) -> Any:
-        """``leaf`` clipped into ``[-clip_value, clip_value]``; NaN stays NaN."""
-        bound = self.value_bound(leaf.dtype, clip_value)
-        return self.xp.clip(leaf, -bound, bound)
-
-    # -- scaling ----------------------------------------------------------
-    def scale(self, leaves: Sequence[Any], factor: Any) -> list[Any]:
-        """Each leaf times ``factor`` (a 0-d array), as new arrays of the leaf's dtype.
-
-        16-bit leaves are multiplied in float32: a small factor cast to float16
-        first would lose its digits or flush to zero.
-        """
-        with quiet():
-            return [self._scaled(leaf, factor) for leaf in leaves]
-
-    def _scaled(self, leaf: Any, factor: Any) -> Any:
+    def clip_values(self, batch: Batch, clip_value: Any) -> list[Any]:
+        """Each leaf clipped into ``[-clip_value, clip_value]`` (new arrays); NaN stays NaN."""
         xp = self.xp
-        work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
-        factor = xp.astype(self._to_device_of(factor, leaf), work)
-        if leaf.dtype == work:
-            return leaf * factor
-        return xp.astype(xp.astype(leaf, work) * factor, leaf.dtype)
+        bounds = [self.value_bound(leaf.dtype, clip_value) for leaf in batch.leaves]
+        return [xp.clip(leaf, -b, b) for leaf, b in zip(batch.leaves, bounds, strict=True)]
 
-    def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
-        """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
-        with quiet():
-            for leaf in leaves:
-                leaf[...] = self._scaled(leaf, factor)
-
-    def _to_device_of(self, value: Any, like: Any) -> Any:
-        device = compat.device(like)
-        return value if compat.device(value) == device else compat.to_device(value, device)
+    def clip_values_(self, batch: Batch, clip_value: Any) -> None:
+        """Clip in place. Every bound is computed before the first write."""
+        for leaf, clipped in zip(batch.leaves, self.clip_values(batch, clip_value), strict=True):
+            leaf[...] = clipped
 
 
 def _log10_tiniest(finfo: Any) -> float:
@@ -191,21 +247,3 @@ def _log10_tiniest(finfo: Any) -> float:
 
 def _size(x: Any) -> int:
     return math.prod(x.shape)
-
-
-@cache
-def kernels_for(xp: ModuleType) -> Kernels:
-    """The kernels for namespace ``xp``: a backend override or the generic ones."""
-    if compat.is_numpy_namespace(xp):
-        from .backends._numpy_kernels import NumpyKernels
-
-        return NumpyKernels(xp)
-    if compat.is_torch_namespace(xp):
-        from .backends._torch_kernels import TorchKernels
-
-        return TorchKernels(xp)
-    if compat.is_jax_namespace(xp):
-        from .backends._jax_kernels import JaxKernels
-
-        return JaxKernels(xp)
-    return Kernels(xp)

@@ -8,7 +8,8 @@ import array_api_compat.numpy
 import numpy as np
 import pytest
 
-from agclip._kernels import BLOCK, Kernels, kernels_for
+from agclip._dispatch import kernels_for
+from agclip._kernels import BLOCK, Kernels
 
 # Sizes straddle the block sizes (rows, tails, the small/large split).
 SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK + 1, (1 << 16) + 3]
@@ -60,12 +61,13 @@ def test_sum_of_powers_override_matches_generic(lib, p, dtype):
     fast, generic = kernels_for(xp), Kernels(xp)
     assert type(fast) is not Kernels, "this library should have an override"
     leaves = _leaves(make, dtype)
-    acc = fast.accumulator(leaves)
-    want = _f64(generic.sum_of_powers(leaves, p, acc))
-    assert math.isclose(_f64(fast.sum_of_powers(leaves, p, acc)), want, rel_tol=1e-6)
+    ours, theirs = fast.prepare(leaves), generic.prepare(leaves)
+    acc = fast.accumulator(ours)
+    want = _f64(generic.sum_of_powers(theirs, p, acc))
+    assert math.isclose(_f64(fast.sum_of_powers(ours, p, acc)), want, rel_tol=1e-6)
     scale = xp.asarray(0.25, dtype=acc)
-    want_scaled = _f64(generic.sum_of_powers(leaves, p, acc, scale=scale))
-    got_scaled = _f64(fast.sum_of_powers(leaves, p, acc, scale=scale))
+    want_scaled = _f64(generic.sum_of_powers(theirs, p, acc, scale=scale))
+    got_scaled = _f64(fast.sum_of_powers(ours, p, acc, scale=scale))
     assert math.isclose(got_scaled, want_scaled, rel_tol=1e-6)
 
 
@@ -74,8 +76,9 @@ def test_max_abs_and_guard_overrides_match_generic(lib):
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp), Kernels(xp)
     leaves = _leaves(make, "float32")
-    acc = fast.accumulator(leaves)
-    assert _f64(fast.max_abs(leaves, acc)) == _f64(generic.max_abs(leaves, acc))
+    ours, theirs = fast.prepare(leaves), generic.prepare(leaves)
+    acc = fast.accumulator(ours)
+    assert _f64(fast.max_abs(ours, acc)) == _f64(generic.max_abs(theirs, acc))
     value = xp.asarray(2.0, dtype=acc)
     fallback = lambda: xp.asarray(7.0, dtype=acc)  # noqa: E731
     for keep in (xp.asarray(True), xp.asarray(False)):
@@ -92,8 +95,8 @@ def test_in_place_scale_override_matches_generic(lib, dtype, factor):
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp), Kernels(xp)
     ours, theirs = _leaves(make, dtype), _leaves(make, dtype)
-    fast.scale_(ours, xp.asarray(factor, dtype=xp.float64))
-    generic.scale_(theirs, xp.asarray(factor, dtype=xp.float64))
+    fast.scale_(fast.prepare(ours), xp.asarray(factor, dtype=xp.float64))
+    generic.scale_(generic.prepare(theirs), xp.asarray(factor, dtype=xp.float64))
     for a, b in zip(ours, theirs, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -101,7 +104,8 @@ def test_in_place_scale_override_matches_generic(lib, dtype, factor):
 def test_numpy_scale_writes_nothing_when_factor_is_one():
     leaf = np.ones(4, dtype=np.float32)
     leaf.flags.writeable = False  # any write would raise
-    kernels_for(array_api_compat.numpy).scale_([leaf], np.asarray(1.0))
+    kernels = kernels_for(array_api_compat.numpy)
+    kernels.scale_(kernels.prepare([leaf]), np.asarray(1.0))
 
 
 def test_torch_grouping_matches_the_python_fallback(monkeypatch):
@@ -110,9 +114,9 @@ def test_torch_grouping_matches_the_python_fallback(monkeypatch):
 
     tensors = [torch.ones(2, dtype=d) for d in (torch.float32, torch.float16, torch.float32)]
     tensors.append(torch.ones(3, device="meta"))
-    fast = _torch_kernels.group_by_device_and_dtype(tensors)
+    fast = _torch_kernels._group(tensors)
     monkeypatch.setattr(_torch_kernels, "_torch_grouping", None)
-    slow = _torch_kernels.group_by_device_and_dtype(tensors)
+    slow = _torch_kernels._group(tensors)
     as_ids = lambda groups: sorted([id(t) for t in g] for g in groups)  # noqa: E731
     assert as_ids(fast) == as_ids(slow) and len(slow) == 3
 
@@ -121,11 +125,25 @@ def test_torch_grouping_matches_the_python_fallback(monkeypatch):
 def test_torch_off_cpu_guard_check_matches_the_generic_one(p):
     torch = pytest.importorskip("torch")
     from agclip._kernels import Kernels
-    from agclip.backends._torch_kernels import GroupedTensors
 
     dtypes = (torch.float16, torch.float32, torch.float16, torch.float64)
-    tensors = GroupedTensors(torch.empty(5, 7, dtype=d, device="meta") for d in dtypes)
+    tensors = [torch.empty(5, 7, dtype=d, device="meta") for d in dtypes]
     torch_kernels = kernels_for(array_api_compat.array_namespace(torch.ones(1)))
-    for leaves in (tensors, GroupedTensors(tensors[:3]), GroupedTensors(tensors[1:2])):
-        generic = Kernels.needs_guard(torch_kernels, leaves, p, torch.float64)
-        assert torch_kernels.needs_guard(leaves, p, torch.float64) == generic
+    for leaves in (tensors, tensors[:3], tensors[1:2]):
+        batch = torch_kernels.prepare(leaves)
+        generic = Kernels.needs_guard(torch_kernels, batch, p, torch.float64)
+        assert torch_kernels.needs_guard(batch, p, torch.float64) == generic
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize("foreach", [None, False])
+def test_in_place_value_clip_override_matches_generic(lib, dtype, foreach):
+    pytest.importorskip(lib)
+    xp, make = _maker(lib)
+    fast, generic = kernels_for(xp, foreach=foreach), Kernels(xp)
+    ours, theirs = _leaves(make, dtype), _leaves(make, dtype)
+    fast.clip_values_(fast.prepare(ours), 0.5)
+    want = generic.clip_values(generic.prepare(theirs), 0.5)
+    for a, b in zip(ours, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

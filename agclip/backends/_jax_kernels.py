@@ -1,4 +1,4 @@
-"""JAX kernels: the overflow guard as ``lax.cond``, so the common path stays one fused pass."""
+"""JAX kernels: the range guard as ``lax.cond``, so the common path stays one fused pass."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from .._kernels import Kernels, pow_abs
+from .._kernels import Batch, Kernels, pow_abs
 
 
 class JaxKernels(Kernels):
-    def accumulator(self, leaves: Sequence[Any]) -> Any:
+    def accumulator(self, batch: Batch) -> Any:
         # Without x64, float64 does not exist: accumulate in float32, blocked.
         return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
 
@@ -24,7 +24,7 @@ class JaxKernels(Kernels):
         x = x.astype(acc)
         return jnp.sum(pow_abs(jnp, x if scale is None else x * scale, p))
 
-    def gather(self, parts: Sequence[Any]) -> Any:
+    def stack(self, parts: Sequence[Any]) -> Any:
         return jnp.stack(list(parts))
 
     def run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
@@ -35,10 +35,12 @@ class JaxKernels(Kernels):
     def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
         return jax.lax.cond(keep, lambda: value, fallback)
 
-    def _to_device_of(self, value: Any, like: Any) -> Any:
+    def _on_device_of(self, value: Any, like: Any) -> Any:
         return value  # XLA places scalars; tracers have no device to ask
 
 
 @cache
-def _compiled(fn: Callable[..., Any], kernels: Kernels, static: tuple) -> Callable[..., Any]:
+def _compiled(
+    fn: Callable[..., Any], kernels: Kernels, static: tuple[tuple[str, Any], ...]
+) -> Callable[..., Any]:
     return jax.jit(partial(fn, kernels, **dict(static)))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .._kernels import Kernels, pow_abs, quiet
+from .._kernels import Batch, Kernels, pow_abs, quiet
 
 # Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
 # partial sums short (relative error ~1e-8 on 4e7 values) at ~1.1x the time of
@@ -20,14 +20,14 @@ def _work_dtype(x: np.ndarray) -> type:
 
 
 class NumpyKernels(Kernels):
-    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+    def needs_guard(self, batch: Batch, p: float, acc: Any) -> bool:
         # Blocks are summed in float32; the guard is one host check, so always keep it.
         return True
 
-    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         total = 0.0  # Python float: partial sums combine in float64
         with quiet():
-            for leaf in leaves:
+            for leaf in batch.leaves:
                 total += self._array_sum(np.asarray(leaf), p, scale)
         return np.asarray(total, dtype=acc)
 
@@ -57,11 +57,17 @@ class NumpyKernels(Kernels):
     def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
         return value if bool(keep) else fallback()
 
-    def scale_(self, leaves: Sequence[Any], factor: Any) -> None:
+    def scale_(self, batch: Batch, factor: Any) -> None:
         """In place; no pass at all when the factor is exactly 1 (nothing to clip)."""
         if float(factor) == 1.0:
             return
         with quiet():
-            for leaf in leaves:
+            for leaf in batch.leaves:
                 work: np.ndarray = np.asarray(factor, dtype=_work_dtype(leaf))
                 np.multiply(leaf, work, out=leaf, casting="same_kind")
+
+    def clip_values_(self, batch: Batch, clip_value: Any) -> None:
+        """In place with ``np.clip(out=)``; every bound computed before the first write."""
+        bounds = [self.value_bound(leaf.dtype, clip_value) for leaf in batch.leaves]
+        for leaf, bound in zip(batch.leaves, bounds, strict=True):
+            np.clip(leaf, -bound, bound, out=leaf)

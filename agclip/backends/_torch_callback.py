@@ -7,16 +7,19 @@ from typing import Any
 
 import torch
 
+from .._kernels import Batch
+from .._pipeline import clip_by_total_norm
 from ._torch_grads import (
+    EPS,
     Labels,
     collect_grads,
     empty_norm,
+    kernels,
     nonfinite_labels,
     norm_type_arg,
+    raise_if_nonfinite,
     result_norm,
-    scale_grads_,
     threshold,
-    total_norm_of,
 )
 
 
@@ -108,25 +111,33 @@ class GradientClipCallback:
         """
         if self._params is None:
             raise RuntimeError("call set_model(model) before on_after_backward()")
-        grads, labels = collect_grads(self._params, self._names)
+        k = kernels(self.foreach)
+        grads, labels = collect_grads(k, self._params, self._names)
         if not grads:
             self.steps += 1
             self.last_norm = empty_norm()
             return self.last_norm
-        norm = total_norm_of(grads, labels, self.norm_type, self.error_if_nonfinite)
-        self.steps += 1
-        self._clipped = self._clipped + (norm > self.max_norm)
-        self._nonfinite = self._nonfinite | ~torch.isfinite(norm)
-        if self.warn_nonfinite and self._should_check(norm):
-            self._warn_if_nonfinite(grads, labels)
-        scale_grads_(grads, self.max_norm, norm, self.foreach)
-        self.last_norm = result_norm(norm, grads)
+        refuse = raise_if_nonfinite(k, grads, labels) if self.error_if_nonfinite else None
+
+        def observe(norm: torch.Tensor) -> None:  # between the norm and the first write
+            if refuse is not None:
+                refuse(norm)
+            self.steps += 1
+            self._clipped = self._clipped + (norm > self.max_norm)
+            self._nonfinite = self._nonfinite | ~torch.isfinite(norm)
+            if self.warn_nonfinite and self._should_check(norm):
+                self._warn_if_nonfinite(grads, labels)
+
+        _, norm = clip_by_total_norm(
+            k, grads, self.max_norm, EPS, p=self.norm_type, in_place=True, check=observe
+        )
+        self.last_norm = result_norm(k, norm, grads)
         return self.last_norm
 
     def _should_check(self, norm: torch.Tensor) -> bool:
         return norm.device.type == "cpu" or self.steps % self.check_every == 0
 
-    def _warn_if_nonfinite(self, grads: list[torch.Tensor], labels: Labels) -> None:
+    def _warn_if_nonfinite(self, grads: Batch, labels: Labels) -> None:
         if not bool(self._nonfinite):
             return
         self._nonfinite = False

@@ -1,5 +1,5 @@
-"""Shared by the PyTorch adapter and its callback: collecting gradients, the total
-norm with a clear non-finite error, and the in-place scale."""
+"""Shared by the PyTorch adapter and its callback: collecting gradients into a
+batch, labels for messages, and the clear non-finite error."""
 
 from __future__ import annotations
 
@@ -12,18 +12,16 @@ import torch
 from array_api_compat import torch as compat_torch
 
 from .._checks import check_ord, check_threshold
-from .._kernels import kernels_for
-from .._norms import clip_coefficient, norm_of_leaves
-from ._torch_kernels import GroupedTensors, TorchKernels, group_by_device_and_dtype
+from .._dispatch import kernels_for
+from .._kernels import Batch, Kernels
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
 
 
-def _kernels() -> TorchKernels:
-    kernels = kernels_for(compat_torch)
-    assert isinstance(kernels, TorchKernels)
-    return kernels
+def kernels(foreach: bool | None = None) -> Kernels:
+    """The PyTorch kernels, with ``foreach`` as given to the public function."""
+    return kernels_for(compat_torch, foreach=foreach)
 
 
 def norm_type_arg(norm_type: Any) -> float:
@@ -32,6 +30,11 @@ def norm_type_arg(norm_type: Any) -> float:
     except (TypeError, ValueError):
         raise ValueError(f"norm_type must be a number > 0 or 'inf', got {norm_type!r}") from None
     return check_ord(value, name="norm_type")
+
+
+def threshold(name: str, value: Any) -> Any:
+    """``check_threshold`` for torch gradients (a CPU tensor is checked like a number)."""
+    return check_threshold(name, value, compat_torch)
 
 
 def as_list(tensors: TensorOrTensors) -> list[Any]:
@@ -48,11 +51,6 @@ def parameters_list(parameters: TensorOrTensors) -> list[Any]:
             stacklevel=4,
         )
     return params
-
-
-def threshold(name: str, value: Any) -> Any:
-    """``check_threshold`` for torch gradients (a CPU tensor is checked like a number)."""
-    return check_threshold(name, value, compat_torch)
 
 
 def check_tensor(tensor: Any, label: str) -> None:
@@ -88,22 +86,21 @@ class Labels:
         return f"{self._kind}[{index}] (shape {tuple(self._owners[index].shape)})"
 
 
-def grouped_floats(tensors: Iterable[Any], explain: Callable[[], None]) -> GroupedTensors:
-    """The tensors, grouped by device and dtype in one C++ call.
+def batch_of_floats(k: Kernels, tensors: Iterable[Any], explain: Callable[[], None]) -> Batch:
+    """The tensors as a batch, grouped by device and dtype in one C++ call.
 
     Types are checked per group, not per tensor (that loop would cost as much
     as clipping thousands of small gradients); when a check fails, ``explain()``
     walks the input and raises an error naming the offending entry.
     """
     try:
-        tensors = GroupedTensors(tensors)
-        groups = tensors.groups
+        batch = k.prepare(list(tensors))
     except (AttributeError, TypeError):
         explain()
         raise
-    if not all(group[0].is_floating_point() for group in groups):
+    if not all(group[0].is_floating_point() for group in batch.groups):
         explain()
-    return tensors
+    return batch
 
 
 def _explain_parameters(params: list[Any], names: list[str] | None) -> None:
@@ -115,89 +112,54 @@ def _explain_parameters(params: list[Any], names: list[str] | None) -> None:
 
 
 def collect_grads(
-    parameters: TensorOrTensors, names: list[str] | None = None
-) -> tuple[GroupedTensors, Labels]:
+    k: Kernels, params: list[Any], names: list[str] | None = None
+) -> tuple[Batch, Labels]:
     """The ``.grad`` of each parameter that has one, and their labels for messages."""
-    params = as_list(parameters)
-    grads = grouped_floats(
+    grads = batch_of_floats(
+        k,
         (grad for param in params if (grad := param.grad) is not None),
         lambda: _explain_parameters(params, names),
     )
     return grads, Labels(params, names=names)
 
 
-def result_norm(norm: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    return norm.to(_kernels().result_dtype(grads))
+def result_norm(k: Kernels, norm: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The norm as returned: float32, or float64 when a gradient is float64."""
+    return norm.to(k.result_dtype(batch))
 
 
 def empty_norm() -> torch.Tensor:
     return torch.tensor(0.0)
 
 
-def nonfinite_labels(grads: list[torch.Tensor], labels: Labels) -> list[str]:
+def nonfinite_labels(batch: Batch, labels: Labels) -> list[str]:
     """Labels of the gradients holding NaN or inf (reads values: syncs)."""
-    return [labels[i] for i, g in enumerate(grads) if not bool(g.isfinite().all())]
+    return [labels[i] for i, g in enumerate(batch.leaves) if not bool(g.isfinite().all())]
 
 
-def _raise_if_nonfinite(norm: torch.Tensor, grads: list[torch.Tensor], labels: Labels) -> None:
-    # The returned norm is checked too: finite gradients can have a norm beyond
-    # float32's range (four values of 3.4e38), which would come back as inf.
-    returned = result_norm(norm, grads)
-    if bool(torch.isfinite(returned)):
-        return
-    if bool(torch.isfinite(norm)):
+def raise_if_nonfinite(k: Kernels, batch: Batch, labels: Labels) -> Callable[[Any], None]:
+    """A pipeline ``check``: raise, before anything is written, when the norm is not
+    finite or does not fit the dtype it is returned in."""
+
+    def check(norm: torch.Tensor) -> None:
+        # The returned norm is checked too: finite gradients can have a norm
+        # beyond float32's range (four values of 3.4e38), which would read inf.
+        returned = result_norm(k, norm, batch)
+        if bool(torch.isfinite(returned)):
+            return
+        if bool(torch.isfinite(norm)):
+            raise RuntimeError(
+                f"The total norm of the gradients is {float(norm):.6g}, beyond the range of "
+                f"the {returned.dtype} it is returned in (it would read inf). Nothing was "
+                "clipped. Set error_if_nonfinite=False to clip anyway (the clip itself uses "
+                "the exact norm)."
+            )
+        bad = nonfinite_labels(batch, labels)
         raise RuntimeError(
-            f"The total norm of the gradients is {float(norm):.6g}, beyond the range of the "
-            f"{returned.dtype} it is returned in (it would read inf). Nothing was clipped. "
-            "Set error_if_nonfinite=False to clip anyway (the clip itself uses the exact norm)."
+            f"The total norm of the gradients is {float(norm)}; non-finite gradients in: "
+            f"{', '.join(bad) or 'none (the norm itself overflowed)'}. Nothing was clipped. "
+            "Set error_if_nonfinite=False to clip anyway (non-finite values then stay "
+            "non-finite)."
         )
-    bad = nonfinite_labels(grads, labels)
-    raise RuntimeError(
-        f"The total norm of the gradients is {float(norm)}; non-finite gradients in: "
-        f"{', '.join(bad) or 'none (the norm itself overflowed)'}. Nothing was clipped. "
-        "Set error_if_nonfinite=False to clip anyway (non-finite values then stay non-finite)."
-    )
 
-
-def total_norm_of(
-    grads: list[torch.Tensor], labels: Labels, p: float, error_if_nonfinite: bool
-) -> torch.Tensor:
-    """The accurate total norm (accumulator dtype); raises before anything is touched."""
-    norm = norm_of_leaves(_kernels(), grads, p)
-    if error_if_nonfinite:
-        _raise_if_nonfinite(norm, grads, labels)
-    return norm
-
-
-def scale_grads_(
-    grads: list[torch.Tensor], max_norm: Any, norm: torch.Tensor, foreach: bool | None
-) -> None:
-    kernels = _kernels()
-    kernels.scale_(grads, clip_coefficient(kernels, norm, max_norm, EPS), foreach=foreach)
-
-
-def clamp_grads_(grads: GroupedTensors, clip_value: Any, foreach: bool | None) -> None:
-    """Clip every element into ``[-clip_value, clip_value]`` in place.
-
-    The bounds of every dtype group are computed before the first write (a
-    bound beyond float16's range is capped), so no group can fail after
-    another was clipped.
-    """
-    kernels = _kernels()
-    groups = group_by_device_and_dtype(grads)
-    bounds = [_bound_for(kernels, group, clip_value) for group in groups]
-    for group, bound in zip(groups, bounds, strict=True):
-        if foreach is False:
-            for grad in group:
-                grad.clamp_(-bound, bound)
-        elif isinstance(bound, float):
-            torch._foreach_clamp_min_(group, -bound)
-            torch._foreach_clamp_max_(group, bound)
-        else:  # a device tensor bound: foreach takes scalars only
-            for grad in group:
-                torch.clamp(grad, -bound, bound, out=grad)
-
-
-def _bound_for(kernels: TorchKernels, group: list[torch.Tensor], clip_value: Any) -> Any:
-    bound = kernels.value_bound(group[0].dtype, clip_value)
-    return bound if isinstance(bound, float) else bound.to(group[0].device)
+    return check

@@ -13,13 +13,12 @@ gradients with p in {1, 2}; no value is read on the host.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .._kernels import BLOCK, Kernels
+from .._kernels import BLOCK, Batch, Kernels
 
 # Tensors up to this many elements are reduced by one _foreach_norm call (their
 # float32 sums are short enough to stay accurate).
@@ -42,22 +41,6 @@ def _group(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
-class GroupedTensors(list[torch.Tensor]):
-    """A list of tensors grouped by device and dtype once, on first use: the
-    norm pass and the scale pass of one call share the grouping."""
-
-    @functools.cached_property
-    def groups(self) -> list[list[torch.Tensor]]:
-        return _group(self)
-
-
-def group_by_device_and_dtype(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The tensors in groups of one device and dtype, order kept within each group."""
-    if isinstance(tensors, GroupedTensors):
-        return tensors.groups
-    return _group(list(tensors))
-
-
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; 16- and 32-bit gradients are reduced and scaled in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -66,30 +49,33 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 class TorchKernels(Kernels):
     # Device questions are asked of one tensor per group: a loop over thousands
     # of small gradients would cost more than their norm.
-    def accumulator(self, leaves: Sequence[Any]) -> Any:
-        if any(group[0].is_mps for group in group_by_device_and_dtype(leaves)):
+    def prepare(self, leaves: Sequence[Any]) -> Batch:
+        """Group by device and dtype once per call (one C++ call, as torch does)."""
+        tensors = list(leaves)
+        return Batch(tensors, _group(tensors))
+
+    def accumulator(self, batch: Batch) -> Any:
+        if any(group[0].is_mps for group in batch.groups):
             return torch.float32  # MPS has no float64
         return torch.float64
 
-    def result_dtype(self, leaves: Sequence[Any]) -> Any:
-        groups = group_by_device_and_dtype(leaves)
-        wide = any(group[0].dtype == torch.float64 for group in groups)
+    def result_dtype(self, batch: Batch) -> Any:
+        wide = any(group[0].dtype == torch.float64 for group in batch.groups)
         return torch.float64 if wide else torch.float32
 
-    def needs_guard(self, leaves: Sequence[Any], p: float, acc: Any) -> bool:
+    def needs_guard(self, batch: Batch, p: float, acc: Any) -> bool:
         # CPU rows are summed in float32, and the guard there is a free host check.
-        groups = group_by_device_and_dtype(leaves)
-        if any(group[0].is_cpu for group in groups):
+        if any(group[0].is_cpu for group in batch.groups):
             return True
-        size = sum(tensor.numel() for tensor in leaves)
-        dtypes = {group[0].dtype for group in groups}
+        size = sum(tensor.numel() for tensor in batch.leaves)
+        dtypes = {group[0].dtype for group in batch.groups}
         return self.overflow_possible(dtypes, size, p, acc) or self.underflow_possible(
             dtypes, p, acc
         )
 
-    def sum_of_powers(self, leaves: Sequence[Any], p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
-        for group in group_by_device_and_dtype(leaves):
+        for group in batch.groups:
             if scale is not None:
                 group = [t.to(acc) * scale.to(t.device) for t in group]
             if group[0].is_cpu:
@@ -97,8 +83,8 @@ class TorchKernels(Kernels):
             else:
                 parts.append(self._device_sum(group, p, acc))
         if not parts:
-            return torch.zeros((), dtype=acc, device=leaves[0].device if leaves else None)
-        return self.gather(parts).sum()
+            return torch.zeros((), dtype=acc, device=batch.leaves[0].device if batch else None)
+        return self.stack(parts).sum()
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         rows_dtype = _work_dtype(group[0].dtype)
@@ -122,16 +108,17 @@ class TorchKernels(Kernels):
             norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in group]
         return torch.stack(norms).pow(p).sum()
 
-    def max_abs(self, leaves: Sequence[Any], acc: Any) -> Any:
+    def max_abs(self, batch: Batch, acc: Any) -> Any:
         parts = [
-            torch.stack(list(torch._foreach_norm(group, float("inf")))).max().to(acc)
-            for group in group_by_device_and_dtype(t for t in leaves if t.numel())
+            torch.stack(list(torch._foreach_norm(nonempty, float("inf")))).max().to(acc)
+            for group in batch.groups
+            if (nonempty := [t for t in group if t.numel()])
         ]
         if not parts:
             return torch.zeros((), dtype=acc)
-        return self.gather(parts).max()
+        return self.stack(parts).max()
 
-    def gather(self, parts: Sequence[Any]) -> Any:
+    def stack(self, parts: Sequence[Any]) -> Any:
         device = parts[0].device
         return torch.stack([part.to(device) for part in parts])
 
@@ -140,15 +127,30 @@ class TorchKernels(Kernels):
             return value if bool(keep) else fallback()
         return torch.where(keep, value, fallback())
 
-    def scale_(self, leaves: Sequence[Any], factor: Any, foreach: bool | None = None) -> None:
+    def scale_(self, batch: Batch, factor: Any) -> None:
         """In place; on CPU no pass at all when the factor is exactly 1."""
         if factor.is_cpu and bool(factor == 1):
             return
-        for group in group_by_device_and_dtype(leaves):
+        for group in batch.groups:
             device = group[0].device
             local = factor.to(device=device, dtype=_work_dtype(group[0].dtype))
-            if foreach is False:
+            if self.foreach is False:
                 for tensor in group:
                     tensor.mul_(local)
             else:
                 torch._foreach_mul_(group, local)
+
+    def clip_values_(self, batch: Batch, clip_value: Any) -> None:
+        """In place, per group; every group's bound computed before the first write."""
+        bounds = [self._bound(group, clip_value) for group in batch.groups]
+        for group, bound in zip(batch.groups, bounds, strict=True):
+            if self.foreach is False or not isinstance(bound, float):
+                for tensor in group:  # foreach clamps take Python numbers only
+                    torch.clamp(tensor, -bound, bound, out=tensor)
+            else:
+                torch._foreach_clamp_min_(group, -bound)
+                torch._foreach_clamp_max_(group, bound)
+
+    def _bound(self, group: list[torch.Tensor], clip_value: Any) -> Any:
+        bound = self.value_bound(group[0].dtype, clip_value)
+        return bound if isinstance(bound, float) else bound.to(group[0].device)

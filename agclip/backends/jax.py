@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import jax
@@ -34,10 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
-from .._clip import _clip_each, _clip_values
-from .._finite import _all_finite, _zero_nonfinite
-from .._kernels import Kernels, kernels_for
-from .._norms import clip_coefficient, norm_of_leaves
+from .._dispatch import kernels_for
+from .._kernels import Kernels
+from .._pipeline import (
+    LOCAL,
+    Reduction,
+    clip_each_leaf,
+    clip_leaves_by_global_norm,
+    clip_leaves_by_value,
+    leaves_all_finite,
+    zero_nonfinite_leaves,
+)
 from .._tree import flatten
 
 __all__ = [
@@ -110,21 +118,25 @@ def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
     return _kernels().run(fn, flat.leaves, *args, **static), flat
 
 
-def _clip_global_across(
-    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, axis_name: Any
-) -> Any:
-    if axis_name is None:
-        norm = norm_of_leaves(k, leaves, p)
-    else:  # the global norm over every device on the named axis
-        norm = norm_of_leaves(
-            k,
-            leaves,
-            p,
-            sum_across=lambda x: jax.lax.psum(x, axis_name),
-            max_across=lambda x: jax.lax.pmax(x, axis_name),
-        )
-    clipped = k.scale(leaves, clip_coefficient(k, norm, max_norm, eps))
-    return clipped, norm.astype(jnp.float32)
+@dataclass(frozen=True)
+class AxisReduction(Reduction):
+    """Partial sums and maxima combined over the devices of a named axis
+    (``pmap`` / ``shard_map``): the pipeline's reduction parameter."""
+
+    axis_name: Any
+
+    def sum(self, x: Any) -> Any:
+        return jax.lax.psum(x, self.axis_name)
+
+    def max(self, x: Any) -> Any:
+        return jax.lax.pmax(x, self.axis_name)
+
+
+def _clip_keeping_norm(
+    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction
+) -> tuple[list[Any], Any]:
+    clipped, norm = clip_leaves_by_global_norm(k, leaves, max_norm, eps, p=p, reduce=reduce)
+    return clipped, norm.astype(jnp.float32)  # the state's dtype, whatever the leaves'
 
 
 def clip_by_global_norm(
@@ -149,6 +161,7 @@ def clip_by_global_norm(
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
     p, eps = _order(ord), check_eps(eps)
+    reduce = LOCAL if axis_name is None else AxisReduction(axis_name)
 
     def init(params: Any) -> ClipByGlobalNormState:
         del params
@@ -156,7 +169,7 @@ def clip_by_global_norm(
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        out, flat = _apply(updates, _clip_global_across, max_norm, eps, p=p, axis_name=axis_name)
+        out, flat = _apply(updates, _clip_keeping_norm, max_norm, eps, p=p, reduce=reduce)
         if out is None:
             return updates, ClipByGlobalNormState(norm=jnp.zeros((), jnp.float32))
         clipped, norm = out
@@ -192,7 +205,7 @@ def clip_by_norm(max_norm: float, *, ord: float | None = None, eps: float = 1e-6
         Pascanu, Mikolov and Bengio, ICML 2013 (norm clipping applied per tensor).
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
-    return _stateless(_clip_each, max_norm, check_eps(eps), p=_order(ord))
+    return _stateless(clip_each_leaf, max_norm, check_eps(eps), p=_order(ord))
 
 
 def clip_by_value(clip_value: float) -> Any:
@@ -204,7 +217,7 @@ def clip_by_value(clip_value: float) -> Any:
     References:
         Mikolov, "Statistical language models based on neural networks", 2012.
     """
-    return _stateless(_clip_values, check_threshold("clip_value", clip_value, jnp))
+    return _stateless(clip_leaves_by_value, check_threshold("clip_value", clip_value, jnp))
 
 
 def zero_nonfinite() -> Any:
@@ -225,7 +238,7 @@ def zero_nonfinite() -> Any:
         >>> updates["w"].tolist()
         [1.0, 0.0, 0.0]
     """
-    return _stateless(_zero_nonfinite)
+    return _stateless(zero_nonfinite_leaves)
 
 
 def _check_count(name: str, value: Any) -> None:
@@ -270,7 +283,7 @@ def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
     def update(updates: Any, state: ApplyIfFiniteState, params: Any = None) -> tuple[Any, Any]:
         flat = flatten(updates)
         leaf_namespace(flat.leaves, flat.paths)
-        finite = _all_finite(_kernels(), flat.leaves) if flat.leaves else jnp.asarray(True)
+        finite = leaves_all_finite(_kernels(), flat.leaves) if flat.leaves else jnp.asarray(True)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params)
         count = jnp.where(finite, 0, state.notfinite_count + 1)
         apply = finite | (count > max_consecutive_errors)

@@ -22,8 +22,8 @@ import numpy as np
 from array_api_compat import numpy as compat_numpy
 
 from .._checks import check_eps, check_ord, check_precision, check_threshold
-from .._kernels import kernels_for
-from .._norms import clip_coefficient, norm_of_leaves
+from .._dispatch import kernels_for
+from .._pipeline import clip_by_total_norm
 
 __all__ = ["clip_by_global_norm_", "clip_by_value_"]
 
@@ -73,9 +73,8 @@ def clip_by_global_norm_(
     """
     max_norm = check_threshold("max_norm", max_norm, compat_numpy)
     p, eps = check_ord(ord), check_eps(eps)
-    leaves = _writable_arrays(arrays)
-    norm = norm_of_leaves(_kernels, leaves, p)
-    _kernels.scale_(leaves, clip_coefficient(_kernels, norm, max_norm, eps))
+    batch = _kernels.prepare(_writable_arrays(arrays))
+    _, norm = clip_by_total_norm(_kernels, batch, max_norm, eps, p=p, in_place=True)
     return float(norm)
 
 
@@ -86,6 +85,4 @@ def clip_by_value_(arrays: Iterable[np.ndarray | None], clip_value: float) -> No
         Mikolov, "Statistical language models based on neural networks", 2012.
     """
     clip_value = check_threshold("clip_value", clip_value, compat_numpy)
-    for array in _writable_arrays(arrays):
-        bound = _kernels.value_bound(array.dtype, clip_value)
-        np.clip(array, -bound, bound, out=array)
+    _kernels.clip_values_(_kernels.prepare(_writable_arrays(arrays)), clip_value)

@@ -25,22 +25,23 @@ from __future__ import annotations
 
 import torch
 
+from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_grads import (
+    EPS,
     Labels,
     TensorOrTensors,
     as_list,
+    batch_of_floats,
     check_tensor,
-    clamp_grads_,
     collect_grads,
     empty_norm,
-    grouped_floats,
+    kernels,
     norm_type_arg,
     parameters_list,
+    raise_if_nonfinite,
     result_norm,
-    scale_grads_,
     threshold,
-    total_norm_of,
 )
 
 __all__ = [
@@ -87,12 +88,13 @@ def clip_grad_norm_(
     """
     max_norm = threshold("max_norm", max_norm)
     p = norm_type_arg(norm_type)
-    grads, labels = collect_grads(parameters_list(parameters))
+    k = kernels(foreach)
+    grads, labels = collect_grads(k, parameters_list(parameters))
     if not grads:
         return empty_norm()
-    norm = total_norm_of(grads, labels, p, error_if_nonfinite)
-    scale_grads_(grads, max_norm, norm, foreach)
-    return result_norm(norm, grads)
+    check = raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
+    _, norm = clip_by_total_norm(k, grads, max_norm, EPS, p=p, in_place=True, check=check)
+    return result_norm(k, norm, grads)
 
 
 clip_grad_norm = clip_grad_norm_
@@ -118,12 +120,14 @@ def get_total_norm(
         for index in present:
             check_tensor(given[index], f"tensors[{index}]")
 
-    tensors = grouped_floats((given[index] for index in present), explain)
-    if not tensors:
+    k = kernels(foreach)
+    batch = batch_of_floats(k, (given[index] for index in present), explain)
+    if not batch:
         return empty_norm()
-    labels = Labels(given, present, kind="tensors")
-    norm = total_norm_of(tensors, labels, p, error_if_nonfinite)
-    return result_norm(norm, tensors)
+    norm = total_norm(k, batch, p)
+    if error_if_nonfinite:
+        raise_if_nonfinite(k, batch, Labels(given, present, kind="tensors"))(norm)
+    return result_norm(k, norm, batch)
 
 
 @torch.no_grad()
@@ -136,9 +140,11 @@ def clip_grads_with_norm_(
     """Scale gradients by ``min(1, max_norm / (total_norm + 1e-6))`` in place
     (like ``torch.nn.utils.clip_grads_with_norm_``)."""
     max_norm = threshold("max_norm", max_norm)
-    grads, _ = collect_grads(parameters)
+    k = kernels(foreach)
+    grads, _ = collect_grads(k, as_list(parameters))
     if grads:
-        scale_grads_(grads, max_norm, torch.as_tensor(total_norm, dtype=torch.float64), foreach)
+        norm = torch.as_tensor(total_norm, dtype=torch.float64)
+        scale_by_norm(k, grads, norm, max_norm, EPS, in_place=True)
 
 
 @torch.no_grad()
@@ -152,5 +158,6 @@ def clip_grad_value_(
         Mikolov, "Statistical language models based on neural networks", 2012.
     """
     clip_value = threshold("clip_value", clip_value)
-    grads, _ = collect_grads(parameters)
-    clamp_grads_(grads, clip_value, foreach)
+    k = kernels(foreach)
+    grads, _ = collect_grads(k, as_list(parameters))
+    k.clip_values_(grads, clip_value)

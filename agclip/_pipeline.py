@@ -1,0 +1,179 @@
+"""The math, written once over the kernel contract.
+
+:func:`clip_by_total_norm` is *the* pipeline: total norm -> coefficient ->
+scale, functional or in place, with the cross-device / cross-rank reduction
+as a parameter. The functional core, the NumPy and PyTorch adapters and the
+JAX transforms all call it; the per-leaf, value and finite operations sit
+beside it. Everything here takes validated arguments and a :class:`Batch`
+(or leaves) and is safe to trace under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._kernels import Batch, Kernels, quiet
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How partial results combine across devices or ranks. This one is local
+    (nothing to combine); the JAX adapter reduces over a named axis. Frozen
+    and hashable: it is a static argument of compiled functions."""
+
+    def sum(self, x: Any) -> Any:
+        """Combine partial sums of powers."""
+        return x
+
+    def max(self, x: Any) -> Any:
+        """Combine partial maxima."""
+        return x
+
+
+LOCAL = Reduction()
+
+
+def root(k: Kernels, total: Any, p: float) -> Any:
+    """total ** (1/p), with a finite derivative at 0 (for jax.grad through the clip)."""
+    xp = k.xp
+    zero = total == 0  # not `> 0`: NaN and inf must flow through
+    safe = xp.where(zero, xp.ones_like(total), total)
+    return xp.where(zero, xp.zeros_like(total), safe ** (1.0 / p))
+
+
+def underflow_floor(size: int) -> float:
+    """Below this, a sum of ``size`` p-th powers may have lost digits to underflow.
+
+    A power computed in float32 that falls under float32's normal range keeps
+    at most ~2^-149 absolute precision; ``size`` of them can shift the sum by
+    ``size * 2^-149``. A sum at least ``size * 2^-122`` is therefore within
+    ~1e-8 of the exact one. (Kernels that compute powers in float64 are even
+    safer; a sum under the floor only costs them a second, rescaled pass.)
+    """
+    return max(size, 1) * 2.0**-122
+
+
+def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) -> Any:
+    """The p-norm of all leaves together, as a 0-d array of the accumulator dtype.
+
+    Fast path: one accurate pass of sum(|x|**p). Only when that sum can leave
+    the accumulator's range for finite inputs (``k.needs_guard``: a static
+    check on dtypes, sizes and p) is the result guarded: if it overflowed (not
+    finite) or may have underflowed (under ``underflow_floor``), the norm is
+    recomputed on inputs divided by their largest magnitude, which can do
+    neither. How the guard branches is the kernels' business (``k.select``).
+    """
+    xp = k.xp
+    acc = k.accumulator(batch)
+    if math.isinf(p):
+        return reduce.max(k.max_abs(batch, acc))
+    total = reduce.sum(k.sum_of_powers(batch, p, acc))
+    fast = root(k, total, p)
+    if not k.needs_guard(batch, p, acc):
+        return fast
+
+    def rescaled() -> Any:
+        peak = reduce.max(k.max_abs(batch, acc))
+        usable = xp.isfinite(peak) & (peak > 0)
+        divisor = xp.where(usable, peak, xp.ones_like(peak))
+        scaled_total = reduce.sum(k.sum_of_powers(batch, p, acc, scale=1.0 / divisor))
+        norm = divisor * root(k, scaled_total, p)
+        # Non-finite inputs keep the fast result (inf or NaN), as torch does;
+        # all-zero inputs keep 0.
+        return xp.where(usable, norm, fast)
+
+    in_range = xp.isfinite(total) & (total >= underflow_floor(batch.size))
+    return k.select(in_range, fast, rescaled)
+
+
+def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
+    """min(1, max_norm / (norm + eps)), branch-free, in the norm's dtype.
+
+    The denominator is floored at the dtype's smallest normal number, so a
+    zero norm with ``eps=0`` gives 1 (or 0 for ``max_norm=0``), never NaN.
+    """
+    xp = k.xp
+    floor = xp.full_like(norm, float(xp.finfo(norm.dtype).smallest_normal))
+    with quiet():  # max_norm / floor may overflow to inf, which min() turns into 1
+        return xp.minimum(xp.ones_like(norm), max_norm / xp.maximum(norm + eps, floor))
+
+
+def scale_by_norm(
+    k: Kernels, batch: Batch, norm: Any, max_norm: Any, eps: Any, *, in_place: bool
+) -> list[Any]:
+    """Scale the batch by the coefficient for ``norm``: new leaves, or the batch's
+    own leaves scaled in place."""
+    factor = clip_coefficient(k, norm, max_norm, eps)
+    if in_place:
+        k.scale_(batch, factor)
+        return batch.leaves
+    return k.scale(batch, factor)
+
+
+def clip_by_total_norm(
+    k: Kernels,
+    batch: Batch,
+    max_norm: Any,
+    eps: Any,
+    *,
+    p: float,
+    in_place: bool = False,
+    reduce: Reduction = LOCAL,
+    check: Callable[[Any], None] | None = None,
+) -> tuple[list[Any], Any]:
+    """The pipeline: total norm -> ``check(norm)`` -> coefficient -> scale.
+
+    Returns the clipped leaves (new arrays, or the batch's own leaves when
+    ``in_place``) and the pre-clip norm in the accumulator dtype. ``check``
+    runs between the norm and the first write: an error it raises leaves
+    every leaf untouched.
+    """
+    norm = total_norm(k, batch, p, reduce)
+    if check is not None:
+        check(norm)
+    return scale_by_norm(k, batch, norm, max_norm, eps, in_place=in_place), norm
+
+
+# -- the array work of the public functions (run through ``Kernels.run``) ------
+def global_norm_of_leaves(
+    k: Kernels, leaves: list[Any], *, p: float, reduce: Reduction = LOCAL
+) -> Any:
+    """The global norm in the result dtype."""
+    batch = k.prepare(leaves)
+    return k.xp.astype(total_norm(k, batch, p, reduce), k.result_dtype(batch))
+
+
+def clip_leaves_by_global_norm(
+    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction = LOCAL
+) -> tuple[list[Any], Any]:
+    """New clipped leaves and the pre-clip norm in the result dtype."""
+    batch = k.prepare(leaves)
+    clipped, norm = clip_by_total_norm(k, batch, max_norm, eps, p=p, reduce=reduce)
+    return clipped, k.xp.astype(norm, k.result_dtype(batch))
+
+
+def clip_each_leaf(
+    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float
+) -> list[Any]:
+    """Each leaf clipped by its own norm."""
+    return [clip_by_total_norm(k, k.prepare([leaf]), max_norm, eps, p=p)[0][0] for leaf in leaves]
+
+
+def clip_leaves_by_value(k: Kernels, leaves: list[Any], clip_value: Any) -> list[Any]:
+    """Each leaf clipped into ``[-clip_value, clip_value]``."""
+    return k.clip_values(k.prepare(leaves), clip_value)
+
+
+def leaves_all_finite(k: Kernels, leaves: list[Any]) -> Any:
+    """A 0-d bool array: whether every element of every leaf is finite."""
+    xp = k.xp
+    return xp.all(k.stack([xp.all(xp.isfinite(leaf)) for leaf in leaves]))
+
+
+def zero_nonfinite_leaves(k: Kernels, leaves: list[Any]) -> list[Any]:
+    """Each leaf with NaN and ±inf replaced by 0."""
+    xp = k.xp
+    return [xp.where(xp.isfinite(leaf), leaf, xp.zeros_like(leaf)) for leaf in leaves]
