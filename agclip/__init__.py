@@ -8,10 +8,14 @@ framework.
 
 from ._clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from ._finite import all_finite, nonfinite_paths, zero_nonfinite
+from ._typing import Array, ArrayTree, Scalar
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Array",
+    "ArrayTree",
+    "Scalar",
     "__version__",
     "all_finite",
     "clip_by_global_norm",

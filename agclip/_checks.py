@@ -12,6 +12,8 @@ import array_api_compat as compat
 import numpy as np
 from array_api_compat import array_namespace
 
+FLOAT64_BYTES = 8
+
 
 def is_concrete_number(value: Any) -> bool:
     """A host number we can inspect without a device sync (not an array)."""
@@ -108,7 +110,7 @@ def check_ord(value: Any, name: str = "ord") -> float:
 def check_precision(dtype: Any, label: str) -> None:
     """Reject extended precision (``np.longdouble``): the kernels accumulate in at most
     float64, so its range and digits would be silently lost."""
-    if getattr(dtype, "itemsize", 0) > 8:
+    if getattr(dtype, "itemsize", 0) > FLOAT64_BYTES:
         raise TypeError(
             f"{label} has dtype {dtype}; extended precision is not supported (convert to float64)"
         )

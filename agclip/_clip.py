@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ._checks import check_eps, check_ord, check_threshold
@@ -14,14 +12,15 @@ from ._pipeline import (
     clip_leaves_by_value,
     global_norm_of_leaves,
 )
+from ._typing import Array, ArrayTree, Scalar
 
 
-def _empty_norm() -> Any:
+def _empty_norm() -> Array:
     # No leaves, so no library to answer in: a NumPy 0-d float32 zero.
     return np.zeros((), dtype=np.float32)
 
 
-def global_norm(tree: Any, *, ord: float = 2) -> Any:
+def global_norm(tree: ArrayTree, *, ord: float = 2) -> Array:
     """The p-norm of all leaves of ``tree`` taken together.
 
     Accurate (float32 gradients: relative error ~1e-8 against float64), never
@@ -56,8 +55,8 @@ def global_norm(tree: Any, *, ord: float = 2) -> Any:
 
 
 def clip_by_global_norm(
-    tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6
-) -> tuple[Any, Any]:
+    tree: ArrayTree, max_norm: Scalar, *, ord: float = 2, eps: float = 1e-6
+) -> tuple[ArrayTree, Array]:
     """Scale all leaves by ``min(1, max_norm / (norm + eps))``, norm taken over all leaves.
 
     The same rule as ``torch.nn.utils.clip_grad_norm_``, branch-free: it runs
@@ -93,7 +92,9 @@ def clip_by_global_norm(
     return flat.unflatten(clipped), norm
 
 
-def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6) -> Any:
+def clip_by_norm(
+    tree: ArrayTree, max_norm: Scalar, *, ord: float = 2, eps: float = 1e-6
+) -> ArrayTree:
     """Scale each leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
 
     Args:
@@ -122,7 +123,7 @@ def clip_by_norm(tree: Any, max_norm: Any, *, ord: float = 2, eps: float = 1e-6)
     return flat.unflatten(k.run(clip_each_leaf, flat.leaves, max_norm, eps, p=p))
 
 
-def clip_by_value(tree: Any, clip_value: Any) -> Any:
+def clip_by_value(tree: ArrayTree, clip_value: Scalar) -> ArrayTree:
     """Clip every element into ``[-clip_value, clip_value]``.
 
     Args:

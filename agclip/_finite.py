@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ._dispatch import flatten_arrays
 from ._pipeline import leaves_all_finite, zero_nonfinite_leaves
+from ._typing import Array, ArrayTree
 
 
-def all_finite(tree: Any) -> Any:
+def all_finite(tree: ArrayTree) -> Array:
     """Whether every element of every leaf is finite, as a 0-d bool array.
 
     Branch-free: usable under ``jax.jit`` and without a host sync on CUDA.
@@ -27,7 +26,7 @@ def all_finite(tree: Any) -> Any:
     return k.run(leaves_all_finite, flat.leaves)
 
 
-def nonfinite_paths(tree: Any) -> list[str]:
+def nonfinite_paths(tree: ArrayTree) -> list[str]:
     """Key paths of the leaves holding NaN or inf, for error messages and logs.
 
     Reads values on the host, so it is not for use under ``jax.jit``.
@@ -48,7 +47,7 @@ def nonfinite_paths(tree: Any) -> list[str]:
     ]
 
 
-def zero_nonfinite(tree: Any) -> Any:
+def zero_nonfinite(tree: ArrayTree) -> ArrayTree:
     """Replace NaN, +inf and -inf with 0 in every leaf (a new tree).
 
     Examples:

@@ -39,6 +39,7 @@ import numpy as np
 # Reductions run over rows of this many elements, then over the row sums: two
 # short sums instead of one long one keep float32 rounding error ~1e-8.
 BLOCK = 4096
+L1, L2 = 1.0, 2.0  # the norm orders with cheap power forms
 
 
 def quiet() -> np.errstate:
@@ -49,9 +50,9 @@ def quiet() -> np.errstate:
 
 def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
     """|x|**p with the cheap forms for p = 1 and p = 2."""
-    if p == 2:
+    if p == L2:
         return x * x
-    if p == 1:
+    if p == L1:
         return xp.abs(x)
     return xp.abs(x) ** p
 

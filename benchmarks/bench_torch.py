@@ -96,7 +96,7 @@ def run_cases(device: str, repeats: int) -> list[list[str]]:
             }
             if shapes_name == "GPT-2 small":
                 fns["floor"] = timed(memory_floor([p.grad for p in params], label == "clipping"))
-            times = interleaved(fns, repeats=repeats, setup={name: restore for name in fns})
+            times = interleaved(fns, repeats=repeats, setup=dict.fromkeys(fns, restore))
             errors = {}
             for name, fn in (
                 ("torch", torch.nn.utils.clip_grad_norm_),

@@ -45,14 +45,14 @@ def progress_bar(enabled: bool):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     chosen = list(BACKENDS) if args.backend == "all" else [args.backend]
-    settings = dict(
-        steps=args.steps,
-        seed=args.seed,
-        lr=args.lr,
-        max_norm=args.max_norm,
-        clip_value=args.clip_value,
-        progress=progress_bar(not args.no_progress),
-    )
+    settings = {
+        "steps": args.steps,
+        "seed": args.seed,
+        "lr": args.lr,
+        "max_norm": args.max_norm,
+        "clip_value": args.clip_value,
+        "progress": progress_bar(not args.no_progress),
+    }
     print(
         f"Adding problem (length 20, batch 64), LSTM(2->64), SGD momentum 0.9, lr {args.lr}, "
         f"{args.steps} steps, seed {args.seed}\n"

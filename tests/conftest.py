@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from backends import ALL, Backend, make_backends
+from support import ALL, Backend, make_backends
 
 _BACKENDS = make_backends()
 

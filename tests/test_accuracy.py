@@ -6,6 +6,7 @@ A plain float32 reduction is off by ~3e-3 here (torch.linalg.vector_norm on CPU)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,19 +19,19 @@ N = 40_000_000
 
 
 @pytest.fixture(scope="module")
-def big():
+def big() -> Any:
     values = np.random.default_rng(42).standard_normal(N, dtype=np.float32)
     wide = values.astype(np.float64)
     return values, math.sqrt(float(np.dot(wide, wide)))
 
 
-def test_numpy_float32_norm_of_4e7_values(big):
+def test_numpy_float32_norm_of_4e7_values(big: Any) -> None:
     values, want = big
     got = float(agclip.global_norm([values]))
     assert abs(got - want) / want <= 1e-6
 
 
-def test_torch_float32_norm_of_4e7_values(big):
+def test_torch_float32_norm_of_4e7_values(big: Any) -> None:
     torch = pytest.importorskip("torch")
     values, want = big
     tensor = torch.from_numpy(values)
@@ -40,7 +41,7 @@ def test_torch_float32_norm_of_4e7_values(big):
     assert abs(float(torch.linalg.vector_norm(tensor)) - want) / want > 1e-5
 
 
-def test_jax_float32_norm_of_4e7_values_without_x64(big):
+def test_jax_float32_norm_of_4e7_values_without_x64(big: Any) -> None:
     jnp = pytest.importorskip("jax.numpy")
     values, want = big
     got = float(agclip.global_norm([jnp.asarray(values)]))

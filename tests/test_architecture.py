@@ -47,7 +47,7 @@ def _agclip_imports(name: str, tree: ast.Module) -> set[str]:
 GRAPH = {name: _agclip_imports(name, tree) for name, tree in _trees().items()}
 
 
-def test_the_import_graph_has_no_cycle():
+def test_the_import_graph_has_no_cycle() -> None:
     state: dict[str, str] = {}
 
     def visit(node: str, path: list[str]) -> None:
@@ -65,17 +65,17 @@ def test_the_import_graph_has_no_cycle():
 
 
 @pytest.mark.parametrize("name", sorted(GENERIC))
-def test_the_generic_layer_names_no_backend_and_no_dispatch(name):
+def test_the_generic_layer_names_no_backend_and_no_dispatch(name: str) -> None:
     bad = {m for m in GRAPH[name] if m.startswith("agclip.backends") or m == "agclip._dispatch"}
     assert not bad, f"{name} imports {sorted(bad)}"
 
 
 @pytest.mark.parametrize("name", sorted(BACKEND_KERNELS))
-def test_backend_kernels_build_on_the_contract_only(name):
+def test_backend_kernels_build_on_the_contract_only(name: str) -> None:
     assert GRAPH[name] <= {"agclip._kernels"}, f"{name} imports {sorted(GRAPH[name])}"
 
 
-def test_the_pipeline_exists_once():
+def test_the_pipeline_exists_once() -> None:
     """Only ``_pipeline`` turns a norm into a coefficient and scales by it; every
     other module reaches that math through its public internal functions."""
     for name, tree in _trees().items():
@@ -99,7 +99,7 @@ def test_the_pipeline_exists_once():
     }
 
 
-def test_no_private_name_crosses_a_module_boundary():
+def test_no_private_name_crosses_a_module_boundary() -> None:
     for name, tree in _trees().items():
         for node in ast.walk(tree):
             if (

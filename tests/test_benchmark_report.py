@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import run_all
+import run_all  # benchmarks/ is on the pytest pythonpath
 
 TORCH_TABLE = """
 | device | shapes | case | torch ms | agclip ms | ratio | err |
@@ -18,7 +13,7 @@ TORCH_TABLE = """
 """
 
 
-def test_ratios_keep_labels_and_drop_measurements():
+def test_ratios_keep_labels_and_drop_measurements() -> None:
     assert run_all.ratios("torch", TORCH_TABLE) == [
         ("torch: cpu GPT-2 small clipping", 0.99),
         ("torch: cpu GPT-2 small no clipping", 0.38),
@@ -26,7 +21,7 @@ def test_ratios_keep_labels_and_drop_measurements():
     ]
 
 
-def test_the_most_specific_target_applies():
+def test_the_most_specific_target_applies() -> None:
     assert run_all.target_for("torch", "torch: cpu GPT-2 small clipping") == 0.70
     assert run_all.target_for("torch", "torch: cpu GPT-2 small no clipping") == 0.40
     assert run_all.target_for("torch", "torch: cpu 2000 x 1000 clipping") == 1.10

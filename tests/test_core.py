@@ -4,30 +4,20 @@ from __future__ import annotations
 
 import collections
 import math
+from typing import Any
 
 import numpy as np
 import pytest
-from backends import assert_array, assert_close
+from support import Backend, assert_array, assert_close, reference_norm, sample
 
 import agclip
 
 ORDS = [2, 1, math.inf, 3, 0.5]
 
 
-def reference_norm(arrays, p):
-    flat = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays] or [np.zeros(0)])
-    if math.isinf(p):
-        return np.max(np.abs(flat), initial=0.0)
-    return np.sum(np.abs(flat) ** p) ** (1 / p)
-
-
-def sample(shape, seed, scale=1.0):
-    return np.random.default_rng(seed).standard_normal(shape) * scale
-
-
 @pytest.mark.parametrize("ord", ORDS)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_global_norm_matches_float64_reference(backend, ord, dtype):
+def test_global_norm_matches_float64_reference(backend: Backend, ord: float, dtype: str) -> None:
     backend.require(dtype)
     values = [sample((3, 4), 0), sample(7, 1), sample((2, 2, 2), 2)]
     tree = {
@@ -41,21 +31,23 @@ def test_global_norm_matches_float64_reference(backend, ord, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_low_precision_norm_is_float32_and_never_squares_in_16_bits(backend, dtype):
+def test_low_precision_norm_is_float32_and_never_squares_in_16_bits(
+    backend: Backend, dtype: str
+) -> None:
     backend.require(dtype)
     grads = [backend.asarray(np.full(100_000, 300.0), dtype)]
     norm = backend.call(agclip.global_norm, grads)
     assert_close(norm, 300.0 * math.sqrt(100_000), backend, dtype="float32", rtol=1e-6)
 
 
-def test_norm_is_float64_when_any_leaf_is_float64(backend):
+def test_norm_is_float64_when_any_leaf_is_float64(backend: Backend) -> None:
     backend.require("float64", "float16")
     tree = [backend.asarray([3.0], "float16"), backend.asarray([4.0], "float64")]
     assert_close(backend.call(agclip.global_norm, tree), 5.0, backend, dtype="float64")
 
 
 @pytest.mark.parametrize("ord", ORDS)
-def test_clip_by_global_norm_scales_to_max_norm(backend, ord):
+def test_clip_by_global_norm_scales_to_max_norm(backend: Backend, ord: float) -> None:
     values = [sample((5, 3), 3, scale=10), sample(4, 4, scale=10)]
     tree = [backend.asarray(v) for v in values]
     clipped, norm = backend.call(agclip.clip_by_global_norm, tree, max_norm=1.5, ord=ord)
@@ -68,7 +60,7 @@ def test_clip_by_global_norm_scales_to_max_norm(backend, ord):
     assert reference_norm([backend.to_numpy(c) for c in clipped], ord) <= 1.5 * (1 + 1e-6)
 
 
-def test_clip_by_global_norm_leaves_small_gradients_unchanged(backend):
+def test_clip_by_global_norm_leaves_small_gradients_unchanged(backend: Backend) -> None:
     values = [sample(6, 5, scale=0.01)]
     clipped, _ = backend.call(
         agclip.clip_by_global_norm, [backend.asarray(values[0])], max_norm=1.0
@@ -77,7 +69,9 @@ def test_clip_by_global_norm_leaves_small_gradients_unchanged(backend):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_low_precision_leaves_keep_dtype_and_are_scaled_in_float32(backend, dtype):
+def test_low_precision_leaves_keep_dtype_and_are_scaled_in_float32(
+    backend: Backend, dtype: str
+) -> None:
     backend.require(dtype)
     grads = [backend.asarray(np.full(100_000, 300.0), dtype)]
     clipped, norm = backend.call(agclip.clip_by_global_norm, grads, max_norm=100.0)
@@ -86,7 +80,7 @@ def test_low_precision_leaves_keep_dtype_and_are_scaled_in_float32(backend, dtyp
     assert_close(clipped[0], np.full(100_000, 0.31622776), backend, dtype=dtype, rtol=4e-3)
 
 
-def test_huge_finite_gradients_are_clipped_not_zeroed(backend):
+def test_huge_finite_gradients_are_clipped_not_zeroed(backend: Backend) -> None:
     grads = {"w": backend.asarray(np.full(10, 1e20)), "b": backend.asarray([3e19, -4e19])}
     clipped, norm = backend.call(agclip.clip_by_global_norm, grads, max_norm=1.0)
     want = math.sqrt(10 * 1e40 + 25e38)
@@ -95,7 +89,7 @@ def test_huge_finite_gradients_are_clipped_not_zeroed(backend):
     assert_close(clipped["b"], np.array([3e19, -4e19]) / want, backend, dtype="float32", rtol=1e-6)
 
 
-def test_huge_finite_float64_gradients_are_overflow_safe(backend):
+def test_huge_finite_float64_gradients_are_overflow_safe(backend: Backend) -> None:
     backend.require("float64")
     grads = [backend.asarray(np.full(4, 1e200), "float64")]
     norm = backend.call(agclip.global_norm, grads)
@@ -103,7 +97,7 @@ def test_huge_finite_float64_gradients_are_overflow_safe(backend):
 
 
 @pytest.mark.parametrize("ord", [2, 3])
-def test_huge_finite_gradients_any_ord(backend, ord):
+def test_huge_finite_gradients_any_ord(backend: Backend, ord: float) -> None:
     grads = [backend.asarray(np.full(8, 1e30))]
     norm = backend.call(agclip.global_norm, grads, ord=ord)
     assert_close(norm, 1e30 * 8 ** (1 / ord), backend, dtype="float32", rtol=2e-6)
@@ -111,15 +105,18 @@ def test_huge_finite_gradients_any_ord(backend, ord):
 
 @pytest.mark.parametrize(("bad", "want"), [(np.nan, np.nan), (np.inf, np.inf)])
 @pytest.mark.parametrize("ord", [2, 1, math.inf])
-def test_nonfinite_gradients_give_nonfinite_norm(backend, bad, want, ord):
+def test_nonfinite_gradients_give_nonfinite_norm(
+    backend: Backend, bad: Any, want: Any, ord: float
+) -> None:
     grads = [backend.asarray([1.0, bad, 2.0]), backend.asarray([1e20])]
     norm = backend.call(agclip.global_norm, grads, ord=ord)
     got = backend.to_numpy(norm)
     assert np.isnan(got) if np.isnan(want) else got == want, got
 
 
-def test_empty_tree_and_none_leaves_give_zero_norm(backend):
-    for tree in ([], {}, None, [None, {"a": None}]):
+def test_empty_tree_and_none_leaves_give_zero_norm(backend: Backend) -> None:
+    trees: list[Any] = [[], {}, None, [None, {"a": None}]]
+    for tree in trees:
         clipped, norm = agclip.clip_by_global_norm(tree, 1.0)
         assert clipped == tree
         assert float(norm) == 0.0
@@ -128,7 +125,7 @@ def test_empty_tree_and_none_leaves_give_zero_norm(backend):
         assert agclip.nonfinite_paths(tree) == []
 
 
-def test_tree_structure_is_kept(backend):
+def test_tree_structure_is_kept(backend: Backend) -> None:
     Pair = collections.namedtuple("Pair", "w b")
     tree = {
         "layers": [
@@ -137,12 +134,13 @@ def test_tree_structure_is_kept(backend):
         ]
     }
     clipped, norm = backend.call(agclip.clip_by_global_norm, tree, max_norm=1.0)
-    assert isinstance(clipped["layers"][0], Pair) and clipped["layers"][0].b is None
+    assert isinstance(clipped["layers"][0], Pair)
+    assert clipped["layers"][0].b is None
     assert_close(norm, 5.0, backend, dtype="float32")
     assert_close(clipped["layers"][1].w, [0.8], backend, dtype="float32", rtol=1e-5)
 
 
-def test_zero_size_leaves_are_allowed(backend):
+def test_zero_size_leaves_are_allowed(backend: Backend) -> None:
     tree = [backend.asarray(np.zeros((0, 3))), backend.asarray([3.0, 4.0])]
     for ord in (2, math.inf):
         clipped, norm = backend.call(agclip.clip_by_global_norm, tree, max_norm=1.0, ord=ord)
@@ -150,7 +148,7 @@ def test_zero_size_leaves_are_allowed(backend):
         assert_close(norm, 5.0 if ord == 2 else 4.0, backend, dtype="float32")
 
 
-def test_max_norm_zero_gives_zeros_not_nan(backend):
+def test_max_norm_zero_gives_zeros_not_nan(backend: Backend) -> None:
     grads = [backend.asarray(np.zeros(3))]
     clipped, norm = backend.call(agclip.clip_by_global_norm, grads, max_norm=0.0)
     assert_close(clipped[0], np.zeros(3), backend, dtype="float32")
@@ -158,24 +156,24 @@ def test_max_norm_zero_gives_zeros_not_nan(backend):
 
 
 @pytest.mark.parametrize("ord", [2, 1, math.inf])
-def test_clip_by_norm_clips_each_leaf_alone(backend, ord):
+def test_clip_by_norm_clips_each_leaf_alone(backend: Backend, ord: float) -> None:
     values = {"big": sample(10, 6, scale=5), "small": sample(3, 7, scale=1e-3)}
     tree = {k: backend.asarray(v) for k, v in values.items()}
     out = backend.call(agclip.clip_by_norm, tree, max_norm=1.0, ord=ord)
-    for key, value in values.items():
-        value = np.float32(value)
+    for key, raw in values.items():
+        value = np.float32(raw)
         coef = min(1.0, 1.0 / (reference_norm([value], ord) + 1e-6))
         assert_close(out[key], value * coef, backend, dtype="float32", rtol=2e-6, atol=1e-9)
 
 
-def test_clip_by_value(backend):
+def test_clip_by_value(backend: Backend) -> None:
     tree = {"a": backend.asarray([-3.0, -0.5, 0.25, 9.0]), "b": None}
     out = backend.call(agclip.clip_by_value, tree, clip_value=1.0)
     assert out["b"] is None
     assert_close(out["a"], [-1.0, -0.5, 0.25, 1.0], backend, dtype="float32")
 
 
-def test_all_finite_and_zero_nonfinite(backend):
+def test_all_finite_and_zero_nonfinite(backend: Backend) -> None:
     good = [backend.asarray([1.0, 2.0])]
     bad = {"x": backend.asarray([1.0, np.nan]), "y": [backend.asarray([np.inf, -np.inf, 3.0])]}
     assert_array(backend.call(agclip.all_finite, good), backend, dtype="bool", shape=())
@@ -187,7 +185,7 @@ def test_all_finite_and_zero_nonfinite(backend):
 
 
 @pytest.mark.skip_backends("jax_jit", reason="nonfinite_paths reads values on the host")
-def test_nonfinite_paths_names_the_leaves(backend):
+def test_nonfinite_paths_names_the_leaves(backend: Backend) -> None:
     tree = {
         "layers": [backend.asarray([1.0]), {"a": backend.asarray([np.nan])}],
         "head": backend.asarray([np.inf]),
@@ -198,7 +196,7 @@ def test_nonfinite_paths_names_the_leaves(backend):
 
 # -- bad input ---------------------------------------------------------------
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, -math.inf])
-def test_bad_max_norm_is_a_value_error_naming_it(backend, bad):
+def test_bad_max_norm_is_a_value_error_naming_it(backend: Backend, bad: Any) -> None:
     grads = [backend.asarray([1.0])]
     for fn, name in (
         (agclip.clip_by_global_norm, "max_norm"),
@@ -210,14 +208,14 @@ def test_bad_max_norm_is_a_value_error_naming_it(backend, bad):
 
 
 @pytest.mark.parametrize("bad", [0, -2, math.nan, "inf", "fro", None, True])
-def test_bad_ord_is_a_value_error_naming_it(backend, bad):
+def test_bad_ord_is_a_value_error_naming_it(backend: Backend, bad: Any) -> None:
     with pytest.raises(ValueError, match="ord"):
         agclip.global_norm([backend.asarray([1.0])], ord=bad)
     with pytest.raises(ValueError, match="ord"):
         agclip.clip_by_global_norm([backend.asarray([1.0])], 1.0, ord=bad)
 
 
-def test_integer_and_non_array_leaves_are_type_errors_naming_the_path(backend):
+def test_integer_and_non_array_leaves_are_type_errors_naming_the_path(backend: Backend) -> None:
     with pytest.raises(TypeError, match=r"leaf \['x'\]\[1\] .*int"):
         agclip.global_norm({"x": [backend.asarray([1.0]), backend.xp.asarray([1, 2])]})
     with pytest.raises(TypeError, match=r"leaf \['b'\] is a str"):
@@ -227,6 +225,6 @@ def test_integer_and_non_array_leaves_are_type_errors_naming_the_path(backend):
 
 
 @pytest.mark.skip_backends("numpy", reason="needs a second library; numpy is the other one")
-def test_leaves_from_two_libraries_are_a_type_error(backend):
+def test_leaves_from_two_libraries_are_a_type_error(backend: Backend) -> None:
     with pytest.raises(TypeError, match=r"leaf \[1\] .* one library"):
         agclip.global_norm([backend.asarray([1.0]), np.ones(2)])

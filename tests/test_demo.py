@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,9 @@ from demo.__main__ import main, parse_args
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "jax"])
-def test_demo_runs_and_unclipped_training_diverges(backend, tmp_path, capsys):
+def test_demo_runs_and_unclipped_training_diverges(
+    backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     if importlib.util.find_spec("torch" if backend == "torch" else "optax") is None:
         pytest.skip(f"{backend} is not installed")
     main(["--steps", "30", "--backend", backend, "--out", str(tmp_path), "--no-progress"])
@@ -23,25 +26,26 @@ def test_demo_runs_and_unclipped_training_diverges(backend, tmp_path, capsys):
     }
     assert "yes, at step" in rows["no clipping"]  # diverges at lr 1.0
     clipped = [row for name, row in rows.items() if name != "no clipping"]
-    assert clipped and all("  no  " in row for row in clipped)
+    assert clipped
+    assert all("  no  " in row for row in clipped)
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
 
 
-def test_demo_rejects_bad_options():
+def test_demo_rejects_bad_options() -> None:
     with pytest.raises(SystemExit):
         parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--backend", "mxnet"])
 
 
-def test_demo_help_gives_the_whole_description(capsys):
+def test_demo_help_gives_the_whole_description(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "in PyTorch and JAX (whichever are installed)." in text
 
 
-def test_demo_table_says_what_its_columns_mean():
+def test_demo_table_says_what_its_columns_mean() -> None:
     from demo.adding_problem import Run
     from demo.report import table
 
@@ -52,7 +56,7 @@ def test_demo_table_says_what_its_columns_mean():
     assert "final loss: the mean training MSE of the last 20 steps" in text
 
 
-def test_demo_plot_colours_mean_the_same_configuration_in_every_panel():
+def test_demo_plot_colours_mean_the_same_configuration_in_every_panel() -> None:
     from demo.report import _style
 
     assert _style("global norm 1 (clip_grad_norm_)") == _style("global norm 1 (optax.chain)")

@@ -13,7 +13,7 @@ PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_table_starts_after_a_blank_line(page):
+def test_every_table_starts_after_a_blank_line(page: Path) -> None:
     lines = page.read_text().splitlines()
     fenced = False
     for number, (above, line) in enumerate(zip(["", *lines], lines, strict=False), start=1):
@@ -24,7 +24,7 @@ def test_every_table_starts_after_a_blank_line(page):
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_local_links_and_named_files_exist(page):
+def test_local_links_and_named_files_exist(page: Path) -> None:
     text = page.read_text()
     for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
         assert (page.parent / target).exists(), f"{page.name} links to missing {target}"

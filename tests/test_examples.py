@@ -21,7 +21,9 @@ NEEDS = {
 
 
 @pytest.mark.parametrize("name", sorted(NEEDS))
-def test_example_runs(name, capsys, monkeypatch):
+def test_example_runs(
+    name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     needed = NEEDS[name]
     if needed and importlib.util.find_spec(needed) is None:
         pytest.skip(f"{needed} is not installed")
@@ -41,7 +43,7 @@ MODULES = {
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_docstring_examples(module):
+def test_docstring_examples(module: str) -> None:
     needed = MODULES[module]
     if needed and importlib.util.find_spec(needed) is None:
         pytest.skip(f"{needed} is not installed")

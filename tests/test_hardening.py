@@ -9,22 +9,24 @@ import collections
 import math
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
-from backends import assert_close
+from support import Backend, assert_close
 
 import agclip
 from agclip._tree import flatten
 
-CLIPPERS = [
+CLIPPERS: list[tuple[Callable[..., Any], str]] = [
     (agclip.clip_by_global_norm, "max_norm"),
     (agclip.clip_by_norm, "max_norm"),
     (agclip.clip_by_value, "clip_value"),
 ]
 
 
-def _host_thresholds(backend, value):
+def _host_thresholds(backend: Backend, value: Any) -> Any:
     """0-d arrays holding ``value`` that live on the host for this backend."""
     values = [np.array(value), np.float32(value)]
     if backend.library in ("numpy", "array_api_strict") or backend.name == "torch":
@@ -33,7 +35,7 @@ def _host_thresholds(backend, value):
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
-def test_0d_host_thresholds_are_validated_like_numbers(backend, bad):
+def test_0d_host_thresholds_are_validated_like_numbers(backend: Backend, bad: Any) -> None:
     grads = [backend.asarray([3.0, -4.0])]
     for threshold in _host_thresholds(backend, bad):
         for fn, name in CLIPPERS:
@@ -41,7 +43,7 @@ def test_0d_host_thresholds_are_validated_like_numbers(backend, bad):
                 fn(grads, threshold)
 
 
-def test_0d_host_thresholds_clip_like_numbers(backend):
+def test_0d_host_thresholds_clip_like_numbers(backend: Backend) -> None:
     grads = [backend.asarray([3.0, -4.0])]
     for threshold in _host_thresholds(backend, 1.0):
         clipped, _ = agclip.clip_by_global_norm(grads, threshold)
@@ -51,7 +53,7 @@ def test_0d_host_thresholds_clip_like_numbers(backend):
         )
 
 
-def test_threshold_from_another_library_is_a_type_error_naming_it(backend):
+def test_threshold_from_another_library_is_a_type_error_naming_it(backend: Backend) -> None:
     if backend.library == "torch":
         other = pytest.importorskip("array_api_strict").asarray(1.0)
     else:
@@ -62,7 +64,7 @@ def test_threshold_from_another_library_is_a_type_error_naming_it(backend):
             fn(grads, other)
 
 
-def test_extended_precision_is_rejected_naming_the_dtype():
+def test_extended_precision_is_rejected_naming_the_dtype() -> None:
     if np.dtype(np.longdouble).itemsize <= 8:
         pytest.skip("np.longdouble is float64 on this platform")
     from agclip.backends.numpy import clip_by_global_norm_, clip_by_value_
@@ -75,15 +77,16 @@ def test_extended_precision_is_rejected_naming_the_dtype():
     ):
         with pytest.raises(TypeError, match=r"leaf \['w'\] has dtype float(96|128); extended"):
             call()
-    arrays = [np.ones(2, np.float32), np.full(3, 1e300, dtype=np.longdouble)]
+    arrays: list[np.ndarray] = [np.ones(2, np.float32), np.full(3, 1e300, dtype=np.longdouble)]
     for fn in (clip_by_global_norm_, clip_by_value_):
         with pytest.raises(TypeError, match=r"arrays\[1\] has dtype float(96|128)"):
             fn(arrays, 0.5)
-    assert arrays[0].tolist() == [1.0, 1.0] and float(arrays[1][0]) == 1e300
+    assert arrays[0].tolist() == [1.0, 1.0]
+    assert float(arrays[1][0]) == 1e300
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_large_order_norm_does_not_underflow(backend, dtype):
+def test_large_order_norm_does_not_underflow(backend: Backend, dtype: str) -> None:
     backend.require(dtype)
     grads = [backend.asarray(np.full(100, 0.01), dtype)]
     want = 0.01 * 100 ** (1 / 50)  # 0.0110
@@ -94,18 +97,20 @@ def test_large_order_norm_does_not_underflow(backend, dtype):
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e-20])
-def test_tiny_float32_gradients_give_an_accurate_norm_and_clip(backend, scale):
+def test_tiny_float32_gradients_give_an_accurate_norm_and_clip(
+    backend: Backend, scale: float
+) -> None:
     _check_tiny_norm_and_clip(backend, scale)
 
 
 @pytest.mark.skip_backends(
     "jax", "jax_jit", reason="XLA on CPU flushes subnormal float32 values to zero"
 )
-def test_subnormal_float32_gradients_give_an_accurate_norm_and_clip(backend):
+def test_subnormal_float32_gradients_give_an_accurate_norm_and_clip(backend: Backend) -> None:
     _check_tiny_norm_and_clip(backend, 3e-39)
 
 
-def _check_tiny_norm_and_clip(backend, scale):
+def _check_tiny_norm_and_clip(backend: Backend, scale: float) -> None:
     values = np.random.default_rng(0).standard_normal(5000) * scale
     values32 = values.astype(np.float32).astype(np.float64)
     want = float(np.sqrt(np.sum(values32**2)))
@@ -117,13 +122,13 @@ def _check_tiny_norm_and_clip(backend, scale):
     np.testing.assert_allclose(np.sqrt(np.sum(got**2)), want / 2, rtol=1e-4)
 
 
-def test_all_zero_gradients_keep_a_zero_norm(backend):
+def test_all_zero_gradients_keep_a_zero_norm(backend: Backend) -> None:
     grads = [backend.asarray(np.zeros(10)), backend.asarray(np.zeros(3))]
     assert_close(backend.call(agclip.global_norm, grads), 0.0, backend, dtype="float32")
     assert_close(backend.call(agclip.global_norm, grads, ord=50), 0.0, backend, dtype="float32")
 
 
-def test_value_clip_beyond_float16_range_clips_the_rest(backend):
+def test_value_clip_beyond_float16_range_clips_the_rest(backend: Backend) -> None:
     backend.require("float16")
     tree = {
         "wide": backend.asarray([2e5, -3.0, -2e5], "float32"),
@@ -138,7 +143,7 @@ def test_value_clip_beyond_float16_range_clips_the_rest(backend):
 Point = collections.namedtuple("Point", "x y")
 
 
-def _trees():
+def _trees() -> Any:
     a, b, c = np.ones(2), np.zeros(3), np.full(1, 2.0)
     return {
         "deque": collections.deque([a, None, b]),
@@ -151,7 +156,7 @@ def _trees():
 
 
 @pytest.mark.parametrize("name", list(_trees()))
-def test_both_flatteners_give_the_same_leaves_and_paths(name):
+def test_both_flatteners_give_the_same_leaves_and_paths(name: str) -> None:
     pytest.importorskip("jax")
     tree = _trees()[name]
     with_jax, without = flatten(tree, bridge_jax=True), flatten(tree, bridge_jax=False)
@@ -162,7 +167,7 @@ def test_both_flatteners_give_the_same_leaves_and_paths(name):
 
 
 @pytest.mark.slow
-def test_tree_results_do_not_depend_on_whether_jax_was_imported():
+def test_tree_results_do_not_depend_on_whether_jax_was_imported() -> None:
     """The same script run with and without ``import jax`` first prints the same."""
     script = """
 import collections, sys, numpy as np
@@ -185,29 +190,31 @@ except TypeError as error:
         for mode in ("plain", "jax")
     ]
     assert outputs[0] == outputs[1]
-    assert "['w'][0]" in outputs[0] and "leaf [2] is a str" in outputs[0]
+    assert "['w'][0]" in outputs[0]
+    assert "leaf [2] is a str" in outputs[0]
 
 
-def test_jax_registered_nodes_are_flattened_with_their_keys():
+def test_jax_registered_nodes_are_flattened_with_their_keys() -> None:
     jax = pytest.importorskip("jax")
     jnp = pytest.importorskip("jax.numpy")
 
     @jax.tree_util.register_pytree_with_keys_class
     class Layer:
-        def __init__(self, w, extra):
+        def __init__(self, w: Any, extra: Any) -> None:
             self.w, self.extra = w, extra
 
-        def tree_flatten_with_keys(self):
+        def tree_flatten_with_keys(self) -> Any:
             keys = (jax.tree_util.GetAttrKey("w"), jax.tree_util.GetAttrKey("extra"))
             return tuple(zip(keys, (self.w, self.extra), strict=True)), None
 
         @classmethod
-        def tree_unflatten(cls, aux, children):
+        def tree_unflatten(cls, aux: Any, children: Any) -> Any:
             return cls(*children)
 
     tree = {"layer": Layer(jnp.full(4, 3.0), collections.deque([jnp.full(4, 4.0), None]))}
     assert flatten(tree).paths == ["['layer'].w", "['layer'].extra[0]"]
     clipped, norm = agclip.clip_by_global_norm(tree, 1.0)
-    assert isinstance(clipped["layer"], Layer) and clipped["layer"].extra[1] is None
+    assert isinstance(clipped["layer"], Layer)
+    assert clipped["layer"].extra[1] is None
     np.testing.assert_allclose(float(norm), 10.0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(clipped["layer"].w), np.full(4, 0.3), rtol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import array_api_compat.numpy
 import numpy as np
@@ -15,12 +16,12 @@ from agclip._kernels import BLOCK, Kernels
 SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK + 1, (1 << 16) + 3]
 
 
-def _leaves(make, dtype):
+def _leaves(make: Any, dtype: str) -> Any:
     rng = np.random.default_rng(0)
     return [make(rng.standard_normal(n) * (i + 1), dtype) for i, n in enumerate(SIZES)]
 
 
-def _lib_cases():
+def _lib_cases() -> Any:
     cases = [pytest.param("numpy", id="numpy")]
     for lib in ("torch", "jax"):
         cases.append(
@@ -36,7 +37,7 @@ def _lib_cases():
     return cases
 
 
-def _maker(lib):
+def _maker(lib: str) -> Any:
     if lib == "numpy":
         return array_api_compat.numpy, lambda v, d: v.astype(d)
     if lib == "torch":
@@ -49,14 +50,14 @@ def _maker(lib):
     return jnp, lambda v, d: jnp.asarray(v, dtype=getattr(jnp, d))
 
 
-def _f64(x):
+def _f64(x: Any) -> Any:
     return float(np.asarray(x.cpu() if hasattr(x, "cpu") else x, dtype=np.float64))
 
 
 @pytest.mark.parametrize("lib", _lib_cases())
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_sum_of_powers_override_matches_generic(lib, p, dtype):
+def test_sum_of_powers_override_matches_generic(lib: str, p: float, dtype: str) -> None:
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp), Kernels(xp)
     assert type(fast) is not Kernels, "this library should have an override"
@@ -72,7 +73,7 @@ def test_sum_of_powers_override_matches_generic(lib, p, dtype):
 
 
 @pytest.mark.parametrize("lib", _lib_cases())
-def test_max_abs_and_guard_overrides_match_generic(lib):
+def test_max_abs_and_guard_overrides_match_generic(lib: str) -> None:
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp), Kernels(xp)
     leaves = _leaves(make, "float32")
@@ -90,7 +91,7 @@ def test_max_abs_and_guard_overrides_match_generic(lib):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
 @pytest.mark.parametrize("factor", [0.37, 1.0])
-def test_in_place_scale_override_matches_generic(lib, dtype, factor):
+def test_in_place_scale_override_matches_generic(lib: str, dtype: str, factor: float) -> None:
     pytest.importorskip(lib)
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp), Kernels(xp)
@@ -101,14 +102,14 @@ def test_in_place_scale_override_matches_generic(lib, dtype, factor):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_numpy_scale_writes_nothing_when_factor_is_one():
+def test_numpy_scale_writes_nothing_when_factor_is_one() -> None:
     leaf = np.ones(4, dtype=np.float32)
     leaf.flags.writeable = False  # any write would raise
     kernels = kernels_for(array_api_compat.numpy)
     kernels.scale_(kernels.prepare([leaf]), np.asarray(1.0))
 
 
-def test_torch_grouping_matches_the_python_fallback(monkeypatch):
+def test_torch_grouping_matches_the_python_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
     torch = pytest.importorskip("torch")
     from agclip.backends import _torch_kernels
 
@@ -117,12 +118,16 @@ def test_torch_grouping_matches_the_python_fallback(monkeypatch):
     fast = _torch_kernels._group(tensors)
     monkeypatch.setattr(_torch_kernels, "_torch_grouping", None)
     slow = _torch_kernels._group(tensors)
-    as_ids = lambda groups: sorted([id(t) for t in g] for g in groups)  # noqa: E731
-    assert as_ids(fast) == as_ids(slow) and len(slow) == 3
+
+    def as_ids(groups: list[list[Any]]) -> list[list[int]]:
+        return sorted([id(t) for t in g] for g in groups)
+
+    assert as_ids(fast) == as_ids(slow)
+    assert len(slow) == 3
 
 
 @pytest.mark.parametrize("p", [1.0, 2.0, 3.0, 40.0, math.inf])
-def test_torch_off_cpu_guard_check_matches_the_generic_one(p):
+def test_torch_off_cpu_guard_check_matches_the_generic_one(p: float) -> None:
     torch = pytest.importorskip("torch")
     from agclip._kernels import Kernels
 
@@ -138,7 +143,9 @@ def test_torch_off_cpu_guard_check_matches_the_generic_one(p):
 @pytest.mark.parametrize("lib", ["numpy", "torch"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
 @pytest.mark.parametrize("foreach", [None, False])
-def test_in_place_value_clip_override_matches_generic(lib, dtype, foreach):
+def test_in_place_value_clip_override_matches_generic(
+    lib: str, dtype: str, foreach: bool | None
+) -> None:
     pytest.importorskip(lib)
     xp, make = _maker(lib)
     fast, generic = kernels_for(xp, foreach=foreach), Kernels(xp)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 
-def test_import_agclip_imports_no_framework():
+def test_import_agclip_imports_no_framework() -> None:
     frameworks = ("torch", "jax", "array_api_strict", "optax")
     code = (
         "import sys, agclip, agclip.backends, agclip.backends.numpy;"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,14 +12,14 @@ import agclip
 from agclip.backends.numpy import clip_by_global_norm_, clip_by_value_
 
 
-def grads(seed=0, dtype=np.float32):
+def grads(seed: int = 0, dtype: type[np.floating[Any]] = np.float32) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s).astype(dtype) for s in [(64, 32), (32,), (5, 5, 5)]]
 
 
 @pytest.mark.parametrize("ord", [2, 1, math.inf, 3])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-def test_in_place_matches_functional_core(ord, dtype):
+def test_in_place_matches_functional_core(ord: float, dtype: type[np.floating[Any]]) -> None:
     arrays = grads(dtype=dtype)
     want, want_norm = agclip.clip_by_global_norm(arrays, 2.0, ord=ord)
     ids = [id(a) for a in arrays]
@@ -31,7 +32,7 @@ def test_in_place_matches_functional_core(ord, dtype):
         np.testing.assert_allclose(got, w, rtol=1e-3 if dtype == np.float16 else 1e-6)
 
 
-def test_nothing_is_written_when_no_clipping_is_needed():
+def test_nothing_is_written_when_no_clipping_is_needed() -> None:
     arrays = grads()
     for a in arrays:
         a.flags.writeable = False
@@ -46,14 +47,14 @@ def test_nothing_is_written_when_no_clipping_is_needed():
         np.testing.assert_array_equal(a, b)
 
 
-def test_huge_finite_values_are_clipped_not_zeroed():
+def test_huge_finite_values_are_clipped_not_zeroed() -> None:
     arrays = [np.full(10, 1e20, dtype=np.float32)]
     norm = clip_by_global_norm_(arrays, 1.0)
     assert math.isclose(norm, math.sqrt(10) * 1e20, rel_tol=1e-6)
     np.testing.assert_allclose(arrays[0], np.full(10, 1 / math.sqrt(10)), rtol=1e-6)
 
 
-def test_clip_by_value_in_place():
+def test_clip_by_value_in_place() -> None:
     arrays = [np.array([-5.0, 0.5, 5.0], dtype=np.float32), None]
     clip_by_value_(arrays, 1.0)
     np.testing.assert_array_equal(arrays[0], [-1.0, 0.5, 1.0])
@@ -79,7 +80,9 @@ def test_clip_by_value_in_place():
         ),
     ],
 )
-def test_bad_input_raises_before_anything_is_modified(arrays, kwargs, error, match):
+def test_bad_input_raises_before_anything_is_modified(
+    arrays: Any, kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
     arrays = arrays()
     first = arrays[0].copy() * 100
     arrays[0][...] = first
@@ -88,7 +91,7 @@ def test_bad_input_raises_before_anything_is_modified(arrays, kwargs, error, mat
     np.testing.assert_array_equal(arrays[0], first)
 
 
-def test_clip_by_value_rejects_bad_clip_value_untouched():
+def test_clip_by_value_rejects_bad_clip_value_untouched() -> None:
     arrays = [np.array([5.0])]
     with pytest.raises(ValueError, match="clip_value"):
         clip_by_value_(arrays, -1.0)
@@ -96,17 +99,19 @@ def test_clip_by_value_rejects_bad_clip_value_untouched():
 
 
 @pytest.mark.parametrize("bad", [np.array(-1.0), np.float32(np.nan), np.array(np.inf)])
-def test_bad_0d_thresholds_raise_before_any_change(bad):
+def test_bad_0d_thresholds_raise_before_any_change(bad: Any) -> None:
     arrays = [np.full(3, 4.0, np.float32), np.full(2, 3.0)]
     with pytest.raises(ValueError, match="max_norm"):
         clip_by_global_norm_(arrays, bad)
     with pytest.raises(ValueError, match="clip_value"):
         clip_by_value_(arrays, bad)
-    assert arrays[0].tolist() == [4.0] * 3 and arrays[1].tolist() == [3.0] * 2
+    assert arrays[0].tolist() == [4.0] * 3
+    assert arrays[1].tolist() == [3.0] * 2
 
 
-def test_0d_thresholds_and_float16_beyond_range():
-    arrays = [np.full(2, 2e5, np.float32), np.array([np.inf, -3.0], np.float16)]
+def test_0d_thresholds_and_float16_beyond_range() -> None:
+    arrays: list[np.ndarray] = [np.full(2, 2e5, np.float32), np.array([np.inf, -3.0], np.float16)]
     clip_by_value_(arrays, np.array(1e5))
-    assert arrays[0].tolist() == [1e5, 1e5] and arrays[1].tolist() == [65504.0, -3.0]
+    assert arrays[0].tolist() == [1e5, 1e5]
+    assert arrays[1].tolist() == [65504.0, -3.0]
     assert clip_by_global_norm_([np.array([3.0, 4.0])], np.array(1.0)) == 5.0

@@ -46,7 +46,7 @@ def agclip_in_place_of_optax(
 def _only(base: type, keep: set[str]) -> dict[str, object]:
     """Class attributes that hide every test of ``base`` except ``keep`` (and the
     generated variants of a parameterized test in ``keep``)."""
-    hidden = {
+    hidden: dict[str, object] = {
         name: None
         for name in dir(base)
         if name.startswith("test") and not any(name.startswith(k) for k in keep)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
-from backends import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_core import reference_norm
+from support import Backend, assert_close, reference_norm
 
 import agclip
 
@@ -37,14 +37,16 @@ ords = st.sampled_from([2, 1, math.inf, 3])
 
 @SETTINGS
 @given(grads=grad_lists, p=ords)
-def test_norm_matches_reference(backend, grads, p):
+def test_norm_matches_reference(backend: Backend, grads: Any, p: float) -> None:
     norm = backend.call(agclip.global_norm, [backend.asarray(g) for g in grads], ord=p)
     assert_close(norm, reference_norm(grads, p), backend, dtype="float32", rtol=2e-6)
 
 
 @SETTINGS
 @given(grads=grad_lists, max_norm=max_norms, p=ords)
-def test_clipping_is_bounded_and_keeps_direction(backend, grads, max_norm, p):
+def test_clipping_is_bounded_and_keeps_direction(
+    backend: Backend, grads: Any, max_norm: float, p: float
+) -> None:
     tree = [backend.asarray(g) for g in grads]
     clipped, _ = backend.call(agclip.clip_by_global_norm, tree, max_norm=max_norm, ord=p)
     out = [backend.to_numpy(c) for c in clipped]
@@ -58,7 +60,9 @@ def test_clipping_is_bounded_and_keeps_direction(backend, grads, max_norm, p):
 
 @SETTINGS
 @given(grads=grad_lists, max_norm=max_norms.filter(lambda m: m > 0), p=ords)
-def test_clipping_twice_equals_clipping_once(backend, grads, max_norm, p):
+def test_clipping_twice_equals_clipping_once(
+    backend: Backend, grads: Any, max_norm: float, p: float
+) -> None:
     # With eps > 0 a second clip shrinks by another eps/max_norm (torch's rule
     # too), so idempotence is a property of eps=0.
     once, _ = backend.call(
@@ -75,7 +79,9 @@ def test_clipping_twice_equals_clipping_once(backend, grads, max_norm, p):
 
 @SETTINGS
 @given(grads=grad_lists, p=ords, slack=st.floats(1.001, 100.0))
-def test_below_threshold_nothing_changes(backend, grads, p, slack):
+def test_below_threshold_nothing_changes(
+    backend: Backend, grads: Any, p: float, slack: float
+) -> None:
     max_norm = reference_norm(grads, p) * slack + 1e-3
     clipped, _ = backend.call(
         agclip.clip_by_global_norm, [backend.asarray(g) for g in grads], max_norm=max_norm, ord=p

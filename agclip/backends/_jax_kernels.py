@@ -15,7 +15,8 @@ from .._kernels import Batch, Kernels, pow_abs
 class JaxKernels(Kernels):
     def accumulator(self, batch: Batch) -> Any:
         # Without x64, float64 does not exist: accumulate in float32, blocked.
-        return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+        x64 = jax.config.read("jax_enable_x64")
+        return jnp.float64 if x64 else jnp.float32
 
     def _leaf_sum(self, x: Any, p: float, acc: Any, scale: Any) -> Any:
         # XLA already reduces in a tree: a plain sum is as accurate as the

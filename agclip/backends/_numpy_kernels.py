@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._kernels import Batch, Kernels, pow_abs, quiet
+from .._kernels import L2, Batch, Kernels, pow_abs, quiet
 
 # Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
 # partial sums short (relative error ~1e-8 on 4e7 values) at ~1.1x the time of
@@ -34,7 +34,7 @@ class NumpyKernels(Kernels):
     def _array_sum(self, x: np.ndarray, p: float, scale: Any) -> float:
         flat = x.reshape(-1)
         work = _work_dtype(x)
-        if p == 2 and scale is None and x.dtype == work:
+        if p == L2 and scale is None and x.dtype == work:
             return sum(
                 float(np.dot(block, block))
                 for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))

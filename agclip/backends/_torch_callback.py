@@ -9,6 +9,7 @@ import torch
 
 from .._kernels import Batch
 from .._pipeline import clip_by_total_norm
+from .._typing import Scalar
 from ._torch_grads import (
     EPS,
     Labels,
@@ -71,7 +72,7 @@ class GradientClipCallback:
 
     def __init__(
         self,
-        max_norm: float = 5.0,
+        max_norm: Scalar = 5.0,
         norm_type: float | str = 2.0,
         error_if_nonfinite: bool = False,
         *,

@@ -76,12 +76,11 @@ class TorchKernels(Kernels):
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
         for group in batch.groups:
-            if scale is not None:
-                group = [t.to(acc) * scale.to(t.device) for t in group]
-            if group[0].is_cpu:
-                parts.append(self._cpu_sum(group, p, acc))
+            tensors = group if scale is None else [t.to(acc) * scale.to(t.device) for t in group]
+            if tensors[0].is_cpu:
+                parts.append(self._cpu_sum(tensors, p, acc))
             else:
-                parts.append(self._device_sum(group, p, acc))
+                parts.append(self._device_sum(tensors, p, acc))
         if not parts:
             return torch.zeros((), dtype=acc, device=batch.leaves[0].device if batch else None)
         return self.stack(parts).sum()

@@ -27,8 +27,9 @@ Examples:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ from .._pipeline import (
     zero_nonfinite_leaves,
 )
 from .._tree import flatten
+from .._typing import Array, ArrayTree, Scalar
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -61,10 +63,12 @@ __all__ = [
 
 
 class GradientTransformation(NamedTuple):
-    """optax's (init, update) pair, used when optax is not installed."""
+    """optax's ``(init, update)`` pair. The factories return
+    ``optax.GradientTransformation`` itself (the same two fields) when optax is
+    installed, and this NamedTuple otherwise."""
 
-    init: Any
-    update: Any
+    init: Callable[[ArrayTree], Any]
+    update: Callable[..., tuple[ArrayTree, Any]]
 
 
 class EmptyState(NamedTuple):
@@ -83,12 +87,14 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: Any
 
 
-def _transformation(init: Any, update: Any) -> Any:
+def _transformation(
+    init: Callable[[ArrayTree], Any], update: Callable[..., tuple[ArrayTree, Any]]
+) -> GradientTransformation:
     try:
         import optax
     except ImportError:
         return GradientTransformation(init, update)
-    return optax.GradientTransformation(init, update)
+    return cast(GradientTransformation, optax.GradientTransformation(init, update))
 
 
 def _empty_state() -> Any:
@@ -140,8 +146,8 @@ def _clip_keeping_norm(
 
 
 def clip_by_global_norm(
-    max_norm: float, *, ord: float | None = None, eps: float = 1e-6, axis_name: Any = None
-) -> Any:
+    max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e-6, axis_name: Any = None
+) -> GradientTransformation:
     """Scale updates by ``min(1, max_norm / (global_norm + eps))``; the state keeps the norm.
 
     Args:
@@ -178,7 +184,7 @@ def clip_by_global_norm(
     return _transformation(init, update)
 
 
-def _stateless(fn: Any, *args: Any, **static: Any) -> Any:
+def _stateless(fn: Any, *args: Any, **static: Any) -> GradientTransformation:
     def init(params: Any) -> Any:
         del params
         return _empty_state()
@@ -191,7 +197,9 @@ def _stateless(fn: Any, *args: Any, **static: Any) -> Any:
     return _transformation(init, update)
 
 
-def clip_by_norm(max_norm: float, *, ord: float | None = None, eps: float = 1e-6) -> Any:
+def clip_by_norm(
+    max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e-6
+) -> GradientTransformation:
     """Scale each update leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
 
     Args:
@@ -208,7 +216,7 @@ def clip_by_norm(max_norm: float, *, ord: float | None = None, eps: float = 1e-6
     return _stateless(clip_each_leaf, max_norm, check_eps(eps), p=_order(ord))
 
 
-def clip_by_value(clip_value: float) -> Any:
+def clip_by_value(clip_value: Scalar) -> GradientTransformation:
     """Clip every update element into ``[-clip_value, clip_value]``.
 
     Args:
@@ -220,7 +228,7 @@ def clip_by_value(clip_value: float) -> Any:
     return _stateless(clip_leaves_by_value, check_threshold("clip_value", clip_value, jnp))
 
 
-def zero_nonfinite() -> Any:
+def zero_nonfinite() -> GradientTransformation:
     """Replace NaN, +inf and -inf in the updates with 0 (optax's zero_nans only handles NaN).
 
     Takes no arguments and keeps no state (``optax.EmptyState``): unlike
@@ -254,7 +262,9 @@ def _check_count(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
-def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
+def apply_if_finite(
+    inner: GradientTransformation, max_consecutive_errors: int | Array
+) -> GradientTransformation:
     """Apply ``inner`` only when the updates are all finite (optax's semantics).
 
     A non-finite step yields zero updates and leaves ``inner``'s state as it
@@ -287,7 +297,10 @@ def apply_if_finite(inner: Any, max_consecutive_errors: int) -> Any:
         inner_updates, inner_state = inner.update(updates, state.inner_state, params)
         count = jnp.where(finite, 0, state.notfinite_count + 1)
         apply = finite | (count > max_consecutive_errors)
-        pick = lambda new, old: jnp.where(apply, new, old)  # noqa: E731
+
+        def pick(new: Any, old: Any) -> Any:
+            return jnp.where(apply, new, old)
+
         new_updates = jax.tree_util.tree_map(lambda u: pick(u, jnp.zeros_like(u)), inner_updates)
         new_state = ApplyIfFiniteState(
             notfinite_count=count,

@@ -24,6 +24,7 @@ from array_api_compat import numpy as compat_numpy
 from .._checks import check_eps, check_ord, check_precision, check_threshold
 from .._dispatch import kernels_for
 from .._pipeline import clip_by_total_norm
+from .._typing import Scalar
 
 __all__ = ["clip_by_global_norm_", "clip_by_value_"]
 
@@ -50,7 +51,7 @@ def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
 
 
 def clip_by_global_norm_(
-    arrays: Iterable[np.ndarray | None], max_norm: float, *, ord: float = 2, eps: float = 1e-6
+    arrays: Iterable[np.ndarray | None], max_norm: Scalar, *, ord: float = 2, eps: float = 1e-6
 ) -> float:
     """Scale the arrays in place so their global p-norm is at most ``max_norm``.
 
@@ -78,7 +79,7 @@ def clip_by_global_norm_(
     return float(norm)
 
 
-def clip_by_value_(arrays: Iterable[np.ndarray | None], clip_value: float) -> None:
+def clip_by_value_(arrays: Iterable[np.ndarray | None], clip_value: Scalar) -> None:
     """Clip every element of the arrays into ``[-clip_value, clip_value]``, in place.
 
     References:

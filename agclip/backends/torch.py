@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
+from .._typing import Scalar
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_grads import (
     EPS,
@@ -58,7 +59,7 @@ __all__ = [
 @torch.no_grad()
 def clip_grad_norm_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: Scalar,
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
@@ -133,7 +134,7 @@ def get_total_norm(
 @torch.no_grad()
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
-    max_norm: float,
+    max_norm: Scalar,
     total_norm: torch.Tensor,
     foreach: bool | None = None,
 ) -> None:
@@ -149,7 +150,7 @@ def clip_grads_with_norm_(
 
 @torch.no_grad()
 def clip_grad_value_(
-    parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None
+    parameters: TensorOrTensors, clip_value: Scalar, foreach: bool | None = None
 ) -> None:
     """Clip every gradient element into ``[-clip_value, clip_value]`` in place
     (like ``torch.nn.utils.clip_grad_value_``).

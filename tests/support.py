@@ -1,9 +1,11 @@
-"""The backends every test body runs on, and assertion helpers that check
-library, dtype, shape and device on both sides (after SciPy's xp_assert_close)."""
+"""Test support: the backends every test body runs on, assertion helpers that
+check library, dtype, shape and device on both sides (after SciPy's
+xp_assert_close), the float64 reference norm and the array makers."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +77,7 @@ class Backend:
             import torch
 
             x = x.detach().cpu()
-            return (x.to(torch.float64) if x.dtype.is_floating_point else x).numpy()
+            return np.asarray((x.to(torch.float64) if x.dtype.is_floating_point else x).numpy())
         if self.library == "array_api_strict":
             return np.from_dlpack(x).astype(np.float64) if _is_float(x) else np.from_dlpack(x)
         array = np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x)
@@ -146,3 +148,23 @@ def assert_close(
     desired = np.asarray(desired, dtype=np.float64)
     assert_array(actual, backend, dtype=dtype, shape=desired.shape)
     np.testing.assert_allclose(backend.to_numpy(actual), desired, rtol=rtol, atol=atol)
+
+
+# -- references and makers ------------------------------------------------------
+def reference_norm(arrays: Any, p: float) -> float:
+    """The float64 p-norm of all arrays together (NumPy)."""
+    flat = np.concatenate([np.asarray(a, np.float64).ravel() for a in arrays] or [np.zeros(0)])
+    if math.isinf(p):
+        return float(np.max(np.abs(flat), initial=0.0))
+    return float(np.sum(np.abs(flat) ** p) ** (1 / p))
+
+
+def sample(shape: int | tuple[int, ...], seed: int, scale: float = 1.0) -> np.ndarray:
+    """Standard normal float64 values times ``scale``, reproducible by ``seed``."""
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+def grad_of(tensor: Any) -> Any:
+    """``tensor.grad``, which must exist (PyTorch tests)."""
+    assert tensor.grad is not None, "expected a gradient"
+    return tensor.grad
