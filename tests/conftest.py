@@ -47,6 +47,18 @@ def _marker_names(marker: pytest.Mark) -> tuple[set[str], str]:
 
 @pytest.fixture(params=_selected())
 def backend(request: pytest.FixtureRequest) -> Backend:
+    """Every backend, JAX eager and under ``jit`` (tests that call through ``backend.call``)."""
+    return _chosen(request)
+
+
+@pytest.fixture(params=[name for name in _selected() if not _BACKENDS[name].jit])
+def library(request: pytest.FixtureRequest) -> Backend:
+    """One backend per array library and device: for tests that call agclip eagerly
+    (errors, messages), which would run the same JAX code twice under ``backend``."""
+    return _chosen(request)
+
+
+def _chosen(request: pytest.FixtureRequest) -> Backend:
     chosen = _BACKENDS[request.param]
     if chosen.skip_reason:
         pytest.skip(f"{chosen.name}: {chosen.skip_reason}")

@@ -114,7 +114,7 @@ def test_nonfinite_gradients_give_nonfinite_norm(
     assert np.isnan(got) if np.isnan(want) else got == want, got
 
 
-def test_empty_tree_and_none_leaves_give_zero_norm(backend: Backend) -> None:
+def test_empty_tree_and_none_leaves_give_zero_norm() -> None:
     trees: list[Any] = [[], {}, None, [None, {"a": None}]]
     for tree in trees:
         clipped, norm = agclip.clip_by_global_norm(tree, 1.0)
@@ -184,20 +184,19 @@ def test_all_finite_and_zero_nonfinite(backend: Backend) -> None:
     assert_close(clean["y"][0], [0.0, 0.0, 3.0], backend, dtype="float32")
 
 
-@pytest.mark.skip_backends("jax_jit", reason="nonfinite_paths reads values on the host")
-def test_nonfinite_paths_names_the_leaves(backend: Backend) -> None:
+def test_nonfinite_paths_names_the_leaves(library: Backend) -> None:
     tree = {
-        "layers": [backend.asarray([1.0]), {"a": backend.asarray([np.nan])}],
-        "head": backend.asarray([np.inf]),
+        "layers": [library.asarray([1.0]), {"a": library.asarray([np.nan])}],
+        "head": library.asarray([np.inf]),
     }
     assert agclip.nonfinite_paths(tree) == ["['head']", "['layers'][1]['a']"]
-    assert agclip.nonfinite_paths(backend.asarray([np.nan])) == ["<root>"]
+    assert agclip.nonfinite_paths(library.asarray([np.nan])) == ["<root>"]
 
 
 # -- bad input ---------------------------------------------------------------
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, -math.inf])
-def test_bad_max_norm_is_a_value_error_naming_it(backend: Backend, bad: Any) -> None:
-    grads = [backend.asarray([1.0])]
+def test_bad_max_norm_is_a_value_error_naming_it(library: Backend, bad: Any) -> None:
+    grads = [library.asarray([1.0])]
     for fn, name in (
         (agclip.clip_by_global_norm, "max_norm"),
         (agclip.clip_by_norm, "max_norm"),
@@ -208,23 +207,24 @@ def test_bad_max_norm_is_a_value_error_naming_it(backend: Backend, bad: Any) -> 
 
 
 @pytest.mark.parametrize("bad", [0, -2, math.nan, "inf", "fro", None, True])
-def test_bad_ord_is_a_value_error_naming_it(backend: Backend, bad: Any) -> None:
+def test_bad_ord_is_a_value_error_naming_it(bad: Any) -> None:
+    # Checked before the leaves are looked at: one library is enough.
     with pytest.raises(ValueError, match="ord"):
-        agclip.global_norm([backend.asarray([1.0])], ord=bad)
+        agclip.global_norm([np.ones(1)], ord=bad)
     with pytest.raises(ValueError, match="ord"):
-        agclip.clip_by_global_norm([backend.asarray([1.0])], 1.0, ord=bad)
+        agclip.clip_by_global_norm([np.ones(1)], 1.0, ord=bad)
 
 
-def test_integer_and_non_array_leaves_are_type_errors_naming_the_path(backend: Backend) -> None:
+def test_integer_and_non_array_leaves_are_type_errors_naming_the_path(library: Backend) -> None:
     with pytest.raises(TypeError, match=r"leaf \['x'\]\[1\] .*int"):
-        agclip.global_norm({"x": [backend.asarray([1.0]), backend.xp.asarray([1, 2])]})
+        agclip.global_norm({"x": [library.asarray([1.0]), library.xp.asarray([1, 2])]})
     with pytest.raises(TypeError, match=r"leaf \['b'\] is a str"):
-        agclip.clip_by_global_norm({"a": backend.asarray([1.0]), "b": "oops"}, 1.0)
+        agclip.clip_by_global_norm({"a": library.asarray([1.0]), "b": "oops"}, 1.0)
     with pytest.raises(TypeError, match=r"leaf \[1\] is a float"):
-        agclip.clip_by_value([backend.asarray([1.0]), 2.0], 1.0)
+        agclip.clip_by_value([library.asarray([1.0]), 2.0], 1.0)
 
 
 @pytest.mark.skip_backends("numpy", reason="needs a second library; numpy is the other one")
-def test_leaves_from_two_libraries_are_a_type_error(backend: Backend) -> None:
+def test_leaves_from_two_libraries_are_a_type_error(library: Backend) -> None:
     with pytest.raises(TypeError, match=r"leaf \[1\] .* one library"):
-        agclip.global_norm([backend.asarray([1.0]), np.ones(2)])
+        agclip.global_norm([library.asarray([1.0]), np.ones(2)])

@@ -35,30 +35,30 @@ def _host_thresholds(backend: Backend, value: Any) -> Any:
 
 
 @pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
-def test_0d_host_thresholds_are_validated_like_numbers(backend: Backend, bad: Any) -> None:
-    grads = [backend.asarray([3.0, -4.0])]
-    for threshold in _host_thresholds(backend, bad):
+def test_0d_host_thresholds_are_validated_like_numbers(library: Backend, bad: Any) -> None:
+    grads = [library.asarray([3.0, -4.0])]
+    for threshold in _host_thresholds(library, bad):
         for fn, name in CLIPPERS:
             with pytest.raises(ValueError, match=name):
                 fn(grads, threshold)
 
 
-def test_0d_host_thresholds_clip_like_numbers(backend: Backend) -> None:
-    grads = [backend.asarray([3.0, -4.0])]
-    for threshold in _host_thresholds(backend, 1.0):
+def test_0d_host_thresholds_clip_like_numbers(library: Backend) -> None:
+    grads = [library.asarray([3.0, -4.0])]
+    for threshold in _host_thresholds(library, 1.0):
         clipped, _ = agclip.clip_by_global_norm(grads, threshold)
-        assert_close(clipped[0], [0.6, -0.8], backend, dtype="float32", rtol=1e-5)
+        assert_close(clipped[0], [0.6, -0.8], library, dtype="float32", rtol=1e-5)
         assert_close(
-            agclip.clip_by_value(grads, threshold)[0], [1.0, -1.0], backend, dtype="float32"
+            agclip.clip_by_value(grads, threshold)[0], [1.0, -1.0], library, dtype="float32"
         )
 
 
-def test_threshold_from_another_library_is_a_type_error_naming_it(backend: Backend) -> None:
-    if backend.library == "torch":
+def test_threshold_from_another_library_is_a_type_error_naming_it(library: Backend) -> None:
+    if library.library == "torch":
         other = pytest.importorskip("array_api_strict").asarray(1.0)
     else:
         other = pytest.importorskip("torch").tensor(1.0)
-    grads = [backend.asarray([3.0, 4.0])]
+    grads = [library.asarray([3.0, 4.0])]
     for fn, name in CLIPPERS:
         with pytest.raises(TypeError, match=rf"{name} is a .* array but the gradients are"):
             fn(grads, other)
