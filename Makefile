@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint typecheck pytest demo bench docs clean
+.PHONY: setup test lint typecheck pytest wheel-test demo bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,18 @@ pytest: $(STAMP)
 
 # Lint, type checks, then the whole suite on every installed backend.
 test: lint typecheck pytest
+
+# Build the wheel, install it in a fresh venv and run the suite against it from
+# outside the source tree: catches files missing from the package. Tests that
+# need the source tree (demo, examples, docs, benchmark report) stay out.
+WHEEL_DIR := build/wheel
+wheel-test: $(STAMP)
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)/run
+	$(BIN)/python -m pip wheel -q --no-deps -w $(WHEEL_DIR) .
+	$(PY) -m venv $(WHEEL_DIR)/venv
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt "$$(ls $(WHEEL_DIR)/agclip-*.whl)[torch,jax,test]"
+	cp -r tests pyproject.toml $(WHEEL_DIR)/run/
+	cd $(WHEEL_DIR)/run && venv=../venv/bin/python && $$venv -c "import agclip, pathlib; p = pathlib.Path(agclip.__file__).parent; assert 'site-packages' in str(p) and (p / 'py.typed').exists(), p; print('testing the wheel installed at', p)" && $$venv -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_docs.py
 
 demo: $(STAMP)
 	$(BIN)/python -m demo

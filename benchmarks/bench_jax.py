@@ -3,7 +3,7 @@
 124M float32 values in 148 arrays. Cases: both jitted; agclip called eagerly
 (its cached compiled update) against optax jitted. Median of interleaved runs.
 
-    python benchmarks/bench_jax.py [--repeats 7]
+    python benchmarks/bench_jax.py [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 import optax
-from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm, table
+from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm
+from report import Report, add_json_option
 
 from agclip.backends import jax as agj
 
@@ -21,8 +22,10 @@ from agclip.backends import jax as agj
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    add_json_option(parser)
     args = parser.parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {machine()}")
+    report = Report("jax")
+    report.note(f"jax {jax.__version__} on {jax.devices()[0].platform}; {machine()}")
     host = make_grads(gpt2_small_shapes())
     exact = reference_norm(host)
     grads = [jnp.asarray(g) for g in host]
@@ -45,36 +48,30 @@ def main() -> None:
     norm = float(ours_jit(grads, state_o)[1].norm)
     optax_norm = float(jnp.sqrt(sum(jnp.sum(g * g) for g in grads)))
     base = times["optax jit"]
-    print(
-        table(
+    report.table(
+        ["case", "optax jit ms", "agclip ms", "ratio", "optax-style f32 rel err", "agclip rel err"],
+        [
             [
-                "case",
-                "optax jit ms",
-                "agclip ms",
-                "ratio",
-                "optax-style f32 rel err",
-                "agclip rel err",
+                "both jitted",
+                f"{base * 1e3:.1f}",
+                f"{times['agclip jit'] * 1e3:.1f}",
+                report.ratio(times["agclip jit"] / base, against="optax", case="both jitted"),
+                f"{abs(optax_norm - exact) / exact:.1e}",
+                f"{abs(norm - exact) / exact:.1e}",
             ],
             [
-                [
-                    "both jitted",
-                    f"{base * 1e3:.1f}",
-                    f"{times['agclip jit'] * 1e3:.1f}",
-                    f"**{times['agclip jit'] / base:.2f}x**",
-                    f"{abs(optax_norm - exact) / exact:.1e}",
-                    f"{abs(norm - exact) / exact:.1e}",
-                ],
-                [
-                    "agclip eager vs optax jit",
-                    f"{base * 1e3:.1f}",
-                    f"{times['agclip eager'] * 1e3:.1f}",
-                    f"**{times['agclip eager'] / base:.2f}x**",
-                    "",
-                    "",
-                ],
+                "agclip eager vs optax jit",
+                f"{base * 1e3:.1f}",
+                f"{times['agclip eager'] * 1e3:.1f}",
+                report.ratio(
+                    times["agclip eager"] / base, against="optax", case="agclip eager vs optax jit"
+                ),
+                "",
+                "",
             ],
-        )
+        ],
     )
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ agclip clips in place: blocked BLAS dots, one in-place multiply, none when no
 clipping is needed. Reports median times side by side (interleaved runs),
 peak extra memory (tracemalloc) and the norm's error against float64.
 
-    python benchmarks/bench_numpy.py [--repeats 7]
+    python benchmarks/bench_numpy.py [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import math
 import tracemalloc
 
 import numpy as np
-from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm, table
+from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm
+from report import Report, add_json_option
 
 from agclip.backends.numpy import clip_by_global_norm_
 
@@ -38,12 +39,14 @@ def peak_extra_bytes(fn) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    add_json_option(parser)
     args = parser.parse_args()
+    report = Report("numpy")
 
     grads = make_grads(gpt2_small_shapes())
     nbytes = sum(g.nbytes for g in grads)
     exact = reference_norm(grads)
-    print(
+    report.note(
         f"GPT-2 small: {len(grads)} arrays, {sum(g.size for g in grads):,} values, "
         f"norm {exact:.4f}; {machine()}"
     )
@@ -77,28 +80,27 @@ def main() -> None:
                 label,
                 f"{times['numpy'] * 1e3:.1f}",
                 f"{times['agclip'] * 1e3:.1f}",
-                f"**{times['agclip'] / times['numpy']:.2f}x**",
+                report.ratio(times["agclip"] / times["numpy"], against="numpy", case=label),
                 f"{mem_plain / nbytes:.1%}",
                 f"{mem_ours / nbytes:.3%}",
                 f"{err_plain:.1e}",
                 f"{err_ours:.1e}",
             ]
         )
-    print(
-        table(
-            [
-                "case",
-                "numpy ms",
-                "agclip ms",
-                "time ratio",
-                "numpy extra mem",
-                "agclip extra mem",
-                "numpy rel err",
-                "agclip rel err",
-            ],
-            rows,
-        )
+    report.table(
+        [
+            "case",
+            "numpy ms",
+            "agclip ms",
+            "time ratio",
+            "numpy extra mem",
+            "agclip extra mem",
+            "numpy rel err",
+            "agclip rel err",
+        ],
+        rows,
     )
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

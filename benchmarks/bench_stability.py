@@ -7,6 +7,7 @@ share of a training step for a small LSTM language model. Writes a plot and
 prints a Markdown report, with a verdict on each of the original design claims.
 
     python benchmarks/bench_stability.py [--seeds 10] [--steps 1000] [--plot docs/img/stability.png]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the demo package
-from common import table
+from report import Report, add_json_option
 
 from agclip.backends.torch import clip_grad_norm_
 from demo.adding_problem import TARGET_LOSS
@@ -209,6 +210,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--plot", type=Path, default=Path("docs/img/stability.png"))
+    add_json_option(parser)
     args = parser.parse_args()
     start = time.perf_counter()
     results = sweep(args.seeds, args.steps)
@@ -229,33 +231,25 @@ def main() -> None:
         )
     overhead = lm_overhead()
     plot(stats, args.plot)
-    print(
+    report = Report("stability")
+    report.note(
         f"{args.seeds} seeds per configuration, up to {args.steps} steps, target MSE < "
-        f"{TARGET_LOSS} (mean of 20 steps); {time.perf_counter() - start:.0f} s\n"
+        f"{TARGET_LOSS} (mean of 20 steps); {time.perf_counter() - start:.0f} s"
     )
-    print(
-        table(
-            [
-                "model",
-                "lr",
-                "clipping",
-                "diverged",
-                "reached target",
-                "median steps",
-                "steps q1-q3",
-            ],
-            rows,
-        )
+    report.table(
+        ["model", "lr", "clipping", "diverged", "reached target", "median steps", "steps q1-q3"],
+        rows,
     )
-    print(
-        "\nClipping overhead, LSTM language model (vocab 2000, embed 128, 2x256 LSTM, "
-        "batch 16 x 35 tokens):\n"
+    report.table(
+        ["clipper", "parameters", "step ms", "clip ms", "clip / step"],
+        overhead,
+        caption="Clipping overhead, LSTM language model (vocab 2000, embed 128, 2x256 LSTM, "
+        "batch 16 x 35 tokens):",
     )
-    print(table(["clipper", "parameters", "step ms", "clip ms", "clip / step"], overhead))
     shown = args.plot.relative_to("docs") if args.plot.is_relative_to("docs") else args.plot
-    print(f"\n![stability]({shown})\n")
-    print("Verdicts on the original claims:\n")
-    print("\n".join(verdicts(stats, overhead)))
+    report.note(f"![stability]({shown})")
+    report.note("Verdicts on the original claims:\n\n" + "\n".join(verdicts(stats, overhead)))
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ clipping that is one read of every gradient (``sum``); when clipping, one read
 then one in-place scale (``sum`` then ``mul_``), because the coefficient
 depends on the whole norm.
 
-    python benchmarks/bench_torch.py [--repeats 15]
+    python benchmarks/bench_torch.py [--repeats 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from common import (
     make_grads,
     many_small_shapes,
     reference_norm,
-    table,
 )
+from report import Report, add_json_option
 
 from agclip.backends.torch import clip_grad_norm_
 
@@ -54,7 +54,7 @@ def memory_floor(grads: list[torch.Tensor], scales: bool):
     return floor
 
 
-def run_cases(device: str, repeats: int) -> list[list[str]]:
+def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
     rows = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for shapes_name, shapes in (
@@ -114,7 +114,13 @@ def run_cases(device: str, repeats: int) -> list[list[str]]:
                     f"{times['torch foreach'] * 1e3:.2f}",
                     f"{times['torch loop'] * 1e3:.2f}",
                     f"{times['agclip'] * 1e3:.2f}",
-                    f"**{times['agclip'] / best_torch:.2f}x**",
+                    report.ratio(
+                        times["agclip"] / best_torch,
+                        against="torch",
+                        device=device,
+                        shapes=shapes_name,
+                        case=label,
+                    ),
                     "" if floor is None else f"{floor * 1e3:.2f}",
                     "" if floor is None else f"{floor / best_torch:.2f}x",
                     f"{errors['torch']:.1e}",
@@ -128,35 +134,34 @@ def run_cases(device: str, repeats: int) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    add_json_option(parser)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {machine()}")
-    rows = run_cases("cpu", args.repeats)
+    report = Report("torch")
+    report.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {machine()}")
+    rows = run_cases(report, "cpu", args.repeats)
     if torch.cuda.is_available():
-        rows += run_cases("cuda", args.repeats)
+        rows += run_cases(report, "cuda", args.repeats)
     else:
-        print("CUDA: no GPU here, CUDA section skipped")
-    print(
-        "memory floor: one read of every gradient (`sum`), plus one in-place scale "
-        "(`mul_`) when clipping, timed in the same interleaved runs; no clip can beat it"
+        report.note("CUDA: no GPU here, CUDA section skipped")
+    report.table(
+        [
+            "device",
+            "shapes",
+            "case",
+            "torch foreach ms",
+            "torch loop ms",
+            "agclip ms",
+            "agclip / best torch",
+            "memory floor ms",
+            "floor / best torch",
+            "torch rel err",
+            "agclip rel err",
+        ],
+        rows,
+        caption="memory floor: one read of every gradient (`sum`), plus one in-place scale "
+        "(`mul_`) when clipping, timed in the same interleaved runs; no clip can beat it",
     )
-    print(
-        table(
-            [
-                "device",
-                "shapes",
-                "case",
-                "torch foreach ms",
-                "torch loop ms",
-                "agclip ms",
-                "agclip / best torch",
-                "memory floor ms",
-                "floor / best torch",
-                "torch rel err",
-                "agclip rel err",
-            ],
-            rows,
-        )
-    )
+    report.emit(args.json)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Run every benchmark side by side with its peers and regenerate docs/benchmarks.md.
 
-Each benchmark runs in its own process; its Markdown output goes into the page
-under the command that reproduces it. Every table row with a bold ratio
-(``**0.24x**``) is plotted and checked against the target set for it.
+Each benchmark runs in its own process and hands back its results as data
+(``--json``, see ``report.py``); this script renders the page from that data
+under the command that reproduces each section, plots every ratio and judges
+each against its target: the first rule in ``TARGETS`` whose fields all match
+the ratio's case.
 
     python benchmarks/run_all.py [--only numpy,torch,jax,stability] [--out docs/benchmarks.md]
 """
@@ -12,13 +14,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
-import re
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from report import label, render
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHES = {
@@ -27,41 +34,67 @@ BENCHES = {
     "jax": ("JAX: vs optax.clip_by_global_norm", "bench_jax.py"),
     "stability": ("Training stability and overhead", "bench_stability.py"),
 }
-# (benchmark, words every matching row label contains) -> the largest ratio allowed
-TARGETS = {
-    ("numpy", ("clipping",)): 0.35,
-    ("numpy", ("no clipping",)): 0.35,
-    ("torch", ("cpu", "GPT-2", "clipping")): 0.70,
-    ("torch", ("cpu", "GPT-2", "no clipping")): 0.40,
-    ("torch", ("cpu", "2000")): 1.10,
-    ("torch", ("cuda",)): 1.00,
-    ("jax", ("both jitted",)): 1.05,
-    ("jax", ("eager",)): 1.30,
-}
-RATIO = re.compile(r"\*\*([0-9.]+)x\*\*")
-NUMBER = re.compile(r"\**-?[0-9.]+(e[-+]?[0-9]+)?[x%]?\**")  # a measurement cell, not a label
 
 
-def ratios(name: str, markdown: str) -> list[tuple[str, float]]:
-    """(row label, ratio) for each table row holding a bold ratio."""
-    found = []
-    for line in markdown.splitlines():
-        match = RATIO.search(line)
-        if match and line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            label = " ".join(c for c in cells if c and not NUMBER.fullmatch(c))
-            found.append((f"{name}: {label}", float(match.group(1))))
-    return found
+@dataclass(frozen=True)
+class Target:
+    """The largest ratio allowed for the cases of ``benchmark`` whose fields equal ``case``."""
+
+    benchmark: str
+    case: tuple[tuple[str, str], ...]
+    limit: float
+
+    def matches(self, benchmark: str, case: dict[str, Any]) -> bool:
+        return benchmark == self.benchmark and all(case.get(k) == v for k, v in self.case)
 
 
-def target_for(name: str, label: str) -> float | None:
-    """The target of the most specific rule matching this row ("no clipping" over "clipping")."""
-    matching = [
-        (len(" ".join(words)), limit)
-        for (bench, words), limit in TARGETS.items()
-        if bench == name and all(word in label for word in words)
-    ]
-    return max(matching)[1] if matching else None
+def _t(benchmark: str, limit: float, **case: str) -> Target:
+    return Target(benchmark, tuple(case.items()), limit)
+
+
+# First match wins: put the specific rules first.
+TARGETS = [
+    _t("numpy", 0.35, case="clipping"),
+    _t("numpy", 0.35, case="no clipping"),
+    _t("torch", 0.70, device="cpu", shapes="GPT-2 small", case="clipping"),
+    _t("torch", 0.40, device="cpu", shapes="GPT-2 small", case="no clipping"),
+    _t("torch", 1.10, device="cpu", shapes="2000 x 1000"),
+    _t("torch", 1.00, device="cuda"),
+    _t("jax", 1.05, case="both jitted"),
+    _t("jax", 1.30, case="agclip eager vs optax jit"),
+]
+
+
+def target_for(benchmark: str, case: dict[str, Any]) -> float | None:
+    """The limit of the first rule matching this case, or None."""
+    return next((t.limit for t in TARGETS if t.matches(benchmark, case)), None)
+
+
+def verdicts(benchmark: str, ratios: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for ratio in ratios:
+        limit = target_for(benchmark, ratio["case"])
+        if limit is not None:
+            verdict = "met" if ratio["ratio"] <= limit else "**not met**"
+            lines.append(
+                f"- {benchmark}: {label(ratio)} (vs {ratio['against']}): {ratio['ratio']:.2f}x "
+                f"against a target of <= {limit:.2f}x: {verdict}"
+            )
+    return lines
+
+
+def run_benchmark(script: str) -> tuple[dict[str, Any], float]:
+    """Run one benchmark script; its results as data and the seconds it took."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / script), "--json", str(out)],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            check=True,
+        )
+        return json.loads(out.read_text()), time.perf_counter() - start
 
 
 def plot(rows: list[tuple[str, float]], path: Path) -> None:
@@ -103,41 +136,29 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHES)}")
 
-    sections, all_ratios = [], []
+    sections, plotted = [], []
     for index, name in enumerate(chosen, 1):
         title, script = BENCHES[name]
         print(f"[{index}/{len(chosen)}] {title} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "benchmarks" / script)],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-            check=True,
-        )
-        seconds = time.perf_counter() - start
+        data, seconds = run_benchmark(script)
         print(f"      done in {seconds:.0f} s", file=sys.stderr, flush=True)
-        found = ratios(name, result.stdout)
-        all_ratios += found
-        checks = []
-        for label, ratio in found:
-            limit = target_for(name, label)
-            if limit is not None:
-                verdict = "met" if ratio <= limit else "**not met**"
-                checks.append(
-                    f"- {label}: {ratio:.2f}x against a target of <= {limit:.2f}x: {verdict}"
-                )
-        body = result.stdout.strip()
+        plotted += [(f"{name}: {label(r)}", r["ratio"]) for r in data["ratios"]]
+        checks = verdicts(name, data["ratios"])
         sections.append(
-            f"## {title}\n\nCommand: `python benchmarks/{script}` ({seconds:.0f} s)\n\n{body}\n"
+            f"## {title}\n\nCommand: `python benchmarks/{script}` ({seconds:.0f} s)\n\n"
+            + render(data)
             + ("\nTargets:\n\n" + "\n".join(checks) + "\n" if checks else "")
         )
 
-    plot_path = args.out.parent / "img" / "speed_ratios.png"
-    if all_ratios:
-        plot(all_ratios, plot_path)
+    if plotted:
+        plot(plotted, args.out.parent / "img" / "speed_ratios.png")
+    args.out.write_text(header(bool(plotted)) + "\n" + "\n".join(sections))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+def header(with_plot: bool) -> str:
     cpu = platform.processor() or platform.machine()
-    header = f"""# Benchmarks
+    text = f"""# Benchmarks
 
 Generated by `make bench` (`python benchmarks/run_all.py`) on
 {datetime.date.today().isoformat()}: {cpu}, {os.cpu_count()} cores, Python
@@ -149,10 +170,7 @@ process (the machine is shared and noisy: repeated runs move ratios by up to
 124,439,808 values) unless a table says otherwise; errors are relative to a
 float64 reference.
 """
-    if all_ratios:
-        header += "\n![speed ratios](img/speed_ratios.png)\n"
-    args.out.write_text(header + "\n" + "\n".join(sections))
-    print(f"wrote {args.out}", file=sys.stderr)
+    return text + ("\n![speed ratios](img/speed_ratios.png)\n" if with_plot else "")
 
 
 if __name__ == "__main__":

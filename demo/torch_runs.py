@@ -76,8 +76,30 @@ def run_all(
     only: Callable[[str], bool] | None = None,
 ) -> list[Run]:
     """Train one model per clipping config; ``only`` filters configs by name,
-    ``stop_at_target`` ends a run once it reaches the target loss."""
+    ``stop_at_target`` ends a run once it reaches the target loss. Runs on two
+    threads (comparable timings), and leaves torch's thread count as it was."""
+    previous = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        return _train_all(
+            seed, steps, lr, max_norm, clip_value, progress, cell, length, stop_at_target, only
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train_all(
+    seed: int,
+    steps: int,
+    lr: float,
+    max_norm: float,
+    clip_value: float,
+    progress: Callable[..., object],
+    cell: str,
+    length: int,
+    stop_at_target: bool,
+    only: Callable[[str], bool] | None,
+) -> list[Run]:
     runs = []
     configs = [c for c in _clippers(AddingRNN(cell), max_norm, clip_value) if not only or only(c)]
     for config in configs:

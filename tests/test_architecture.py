@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "agclip"
+import agclip
+
+PACKAGE = Path(agclip.__file__).resolve().parent  # the source, or the installed wheel
 GENERIC = {"agclip._kernels", "agclip._pipeline", "agclip._tree", "agclip._checks"}
 BACKEND_KERNELS = {
     "agclip.backends._numpy_kernels",

@@ -1,29 +1,64 @@
-"""benchmarks/run_all.py reads the ratios out of the benchmarks' tables and judges them."""
+"""Benchmarks hand their results over as data; run_all renders and judges them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import run_all  # benchmarks/ is on the pytest pythonpath
-
-TORCH_TABLE = """
-| device | shapes | case | torch ms | agclip ms | ratio | err |
-|---|---|---|---|---|---|---|
-| cpu | GPT-2 small | clipping | 45.15 | 43.74 | **0.99x** | 2.5e-08 |
-| cpu | GPT-2 small | no clipping | 41.87 | 16.00 | **0.38x** | 2.5e-08 |
-| cpu | 2000 x 1000 | clipping | 8.47 | 10.15 | **1.20x** | 1.0e-08 |
-"""
+from report import Report, render
 
 
-def test_ratios_keep_labels_and_drop_measurements() -> None:
-    assert run_all.ratios("torch", TORCH_TABLE) == [
-        ("torch: cpu GPT-2 small clipping", 0.99),
-        ("torch: cpu GPT-2 small no clipping", 0.38),
-        ("torch: cpu 2000 x 1000 clipping", 1.20),
+def _torch_report() -> Report:
+    report = Report("torch")
+    report.note("torch 2.x; a machine")
+    cells = []
+    for shapes, case, value in (
+        ("GPT-2 small", "clipping", 0.99),
+        ("GPT-2 small", "no clipping", 0.38),
+        ("2000 x 1000", "clipping", 1.20),
+    ):
+        cell = report.ratio(value, against="torch", device="cpu", shapes=shapes, case=case)
+        cells.append(["cpu", shapes, case, cell])
+    report.table(["device", "shapes", "case", "ratio"], cells, caption="a caption")
+    return report
+
+
+def test_report_round_trips_through_json(tmp_path: Path) -> None:
+    report = _torch_report()
+    report.emit(tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["benchmark"] == "torch"
+    assert [r["ratio"] for r in data["ratios"]] == [0.99, 0.38, 1.20]
+    assert data["ratios"][1]["case"] == {
+        "device": "cpu",
+        "shapes": "GPT-2 small",
+        "case": "no clipping",
+    }
+    assert render(data) == report.markdown()
+
+
+def test_rendered_tables_stand_after_a_blank_line() -> None:
+    text = _torch_report().markdown()
+    assert "a caption\n\n| device | shapes | case | ratio |" in text
+    assert "| cpu | GPT-2 small | no clipping | **0.38x** |" in text
+
+
+def test_the_first_matching_target_applies_by_fields() -> None:
+    gpt2 = {"device": "cpu", "shapes": "GPT-2 small"}
+    assert run_all.target_for("torch", {**gpt2, "case": "clipping"}) == 0.70
+    assert run_all.target_for("torch", {**gpt2, "case": "no clipping"}) == 0.40
+    assert run_all.target_for("torch", {"device": "cpu", "shapes": "2000 x 1000"}) == 1.10
+    assert run_all.target_for("jax", {"case": "agclip eager vs optax jit"}) == 1.30
+    assert run_all.target_for("numpy", {"case": "something else"}) is None
+
+
+def test_verdicts_say_met_or_not_met() -> None:
+    lines = run_all.verdicts("torch", _torch_report().ratios)
+    assert lines == [
+        "- torch: cpu GPT-2 small clipping (vs torch): 0.99x against a target of <= 0.70x: "
+        "**not met**",
+        "- torch: cpu GPT-2 small no clipping (vs torch): 0.38x against a target of <= 0.40x: met",
+        "- torch: cpu 2000 x 1000 clipping (vs torch): 1.20x against a target of <= 1.10x: "
+        "**not met**",
     ]
-
-
-def test_the_most_specific_target_applies() -> None:
-    assert run_all.target_for("torch", "torch: cpu GPT-2 small clipping") == 0.70
-    assert run_all.target_for("torch", "torch: cpu GPT-2 small no clipping") == 0.40
-    assert run_all.target_for("torch", "torch: cpu 2000 x 1000 clipping") == 1.10
-    assert run_all.target_for("jax", "jax: agclip eager vs optax jit") == 1.30
-    assert run_all.target_for("numpy", "numpy: something else") is None

@@ -67,3 +67,14 @@ def test_demo_plot_colours_mean_the_same_configuration_in_every_panel() -> None:
     )
     assert callback["linestyle"] != function["linestyle"]  # visible on top of its twin
     assert len({_style(c)["color"] for c in ("no clipping", "value 0.1", "global norm 1")}) == 3
+
+
+def test_demo_leaves_torchs_thread_count_as_it_was(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        main(["--steps", "3", "--backend", "torch", "--out", str(tmp_path), "--no-progress"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

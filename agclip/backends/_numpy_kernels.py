@@ -63,8 +63,12 @@ class NumpyKernels(Kernels):
             return
         with quiet():
             for leaf in batch.leaves:
-                work: np.ndarray = np.asarray(factor, dtype=_work_dtype(leaf))
-                np.multiply(leaf, work, out=leaf, casting="same_kind")
+                work = _work_dtype(leaf)
+                # dtype= pins the loop to float32 for 16-bit leaves on every NumPy
+                # (1.x would otherwise cast the factor to float16 first).
+                np.multiply(
+                    leaf, np.asarray(factor, dtype=work), out=leaf, dtype=work, casting="same_kind"
+                )
 
     def clip_values_(self, batch: Batch, clip_value: Any) -> None:
         """In place with ``np.clip(out=)``; every bound computed before the first write."""
