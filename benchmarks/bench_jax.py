@@ -8,23 +8,17 @@
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import optax
 from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm
-from report import Report, add_json_option
+from report import speed_benchmark
 
 from agclip.backends import jax as agj
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    add_json_option(parser)
-    args = parser.parse_args()
-    report = Report("jax")
+    args, report = speed_benchmark("jax", __doc__, repeats=7)
     report.note(f"jax {jax.__version__} on {jax.devices()[0].platform}; {machine()}")
     host = make_grads(gpt2_small_shapes())
     exact = reference_norm(host)

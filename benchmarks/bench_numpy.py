@@ -10,13 +10,12 @@ peak extra memory (tracemalloc) and the norm's error against float64.
 
 from __future__ import annotations
 
-import argparse
 import math
 import tracemalloc
 
 import numpy as np
 from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm
-from report import Report, add_json_option
+from report import speed_benchmark
 
 from agclip.backends.numpy import clip_by_global_norm_
 
@@ -37,11 +36,7 @@ def peak_extra_bytes(fn) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    add_json_option(parser)
-    args = parser.parse_args()
-    report = Report("numpy")
+    args, report = speed_benchmark("numpy", __doc__, repeats=7)
 
     grads = make_grads(gpt2_small_shapes())
     nbytes = sum(g.nbytes for g in grads)

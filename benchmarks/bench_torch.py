@@ -16,8 +16,6 @@ depends on the whole norm.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from common import (
     gpt2_small_shapes,
@@ -27,7 +25,7 @@ from common import (
     many_small_shapes,
     reference_norm,
 )
-from report import Report, add_json_option
+from report import Report, speed_benchmark
 
 from agclip.backends.torch import clip_grad_norm_
 
@@ -132,11 +130,7 @@ def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    add_json_option(parser)
-    args = parser.parse_args()
-    report = Report("torch")
+    args, report = speed_benchmark("torch", __doc__, repeats=15)
     report.note(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {machine()}")
     rows = run_cases(report, "cpu", args.repeats)
     if torch.cuda.is_available():

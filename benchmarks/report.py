@@ -48,6 +48,14 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
+def speed_benchmark(name: str, doc: str, *, repeats: int) -> tuple[argparse.Namespace, Report]:
+    """The command line of a speed benchmark (``--repeats``, ``--json``) and its report."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=repeats, help=f"timed runs ({repeats})")
+    add_json_option(parser)
+    return parser.parse_args(), Report(name)
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
