@@ -140,6 +140,9 @@ def plot(stats: dict, path: Path) -> None:
                 transform=axes[1][col].transAxes,
             )
             axes[1][col].set_yticks([])
+            axes[1][col].set_xlim(min(lrs) / 1.5, max(lrs) * 1.5)
+            axes[1][col].set_xticks(list(lrs), [f"{lr:g}" for lr in lrs])
+            axes[1][col].minorticks_off()
         axes[0][col].set(
             xscale="log", ylabel="divergence rate", title=LABELS[cell], ylim=(-0.05, 1.05)
         )

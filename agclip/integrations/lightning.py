@@ -1,0 +1,92 @@
+"""Lightning: clip with agclip where Lightning clips, and log the norm.
+
+Replace the Trainer's own clipping with one callback::
+
+    # before: Trainer(gradient_clip_val=1.0)
+    Trainer(callbacks=[GradientClipping(max_norm=1.0)])
+
+It clips in ``on_before_optimizer_step``: after gradient accumulation and
+after AMP unscaling, where Lightning itself clips. Works with the
+``lightning`` package (``lightning.pytorch``) or the standalone
+``pytorch_lightning``, whichever is installed (``lightning`` first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..backends.torch import GradientClipCallback
+from .._typing import Scalar
+
+try:
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # pragma: no cover - the standalone package
+    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
+
+__all__ = ["GradientClipping"]
+
+
+class GradientClipping(Callback):  # type: ignore[misc]
+    """Clip gradients with agclip before every optimizer step, and log the norm.
+
+    The pre-clip norm is logged every step as ``name`` (default
+    ``"grad_norm"``) and the share of steps that clipped as
+    ``f"{name}_clip_rate"`` per epoch, through ``pl_module.log``: tensors that
+    stay on the device, so no per-step host sync. Non-finite gradients give a
+    ``NonFiniteGradientWarning`` naming the parameters, or a ``RuntimeError``
+    with ``error_if_nonfinite=True`` before anything is modified.
+
+    The Trainer's own ``gradient_clip_val`` must be unset: clipping twice is
+    refused at setup. With manual optimization the hook still runs on each
+    ``optimizer.step()``; every parameter of the module is clipped.
+
+    Args:
+        max_norm: the largest total gradient norm allowed.
+        norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
+        error_if_nonfinite: raise instead of warning on NaN/inf gradients.
+        warn_nonfinite: warn on NaN/inf gradients (turn off with
+            ``precision="16-mixed"``, whose scaler skips such steps itself).
+        log_norm: log the norm and the clip rate.
+        name: the logged name of the norm.
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+
+    def __init__(
+        self,
+        max_norm: Scalar = 1.0,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+        *,
+        warn_nonfinite: bool = True,
+        log_norm: bool = True,
+        name: str = "grad_norm",
+    ):
+        super().__init__()
+        self.clipper = GradientClipCallback(
+            max_norm, norm_type, error_if_nonfinite, warn_nonfinite=warn_nonfinite
+        )
+        self.log_norm = log_norm
+        self.name = name
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the "
+                "gradients a second time after agclip's GradientClipping: leave "
+                "gradient_clip_val unset (None or 0)."
+            )
+        self.clipper.set_model(pl_module)
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
+        norm = self.clipper.on_after_backward()
+        if self.log_norm:
+            clipped = (norm > self.clipper.max_norm).to(torch.float32)
+            pl_module.log(self.name, norm, on_step=True, on_epoch=False)
+            pl_module.log(f"{self.name}_clip_rate", clipped, on_step=False, on_epoch=True)

@@ -1,0 +1,139 @@
+"""agclip.integrations.lightning on a real Lightning Trainer (CPU, seconds): the same
+parameters as Lightning's own norm clipping, the norm in the logger, named
+non-finite warnings, double clipping refused, accumulation, mixed precision
+and manual optimization."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+    pl = pytest.importorskip("lightning.pytorch")
+
+from agclip.backends.torch import NonFiniteGradientWarning  # noqa: E402
+from agclip.integrations.lightning import GradientClipping  # noqa: E402
+
+pytestmark = [
+    # lightning 2.6 with torch 2.13: its own use of a deprecated torch pytree API.
+    pytest.mark.filterwarnings("ignore:.isinstance.treespec, LeafSpec.. is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:.*does not have many workers"),
+    pytest.mark.filterwarnings("ignore:.*is smaller than the logging interval"),
+    pytest.mark.filterwarnings("ignore:.*precision='16-mixed'.*not supported on CPU"),
+]
+
+
+class Regression(pl.LightningModule):
+    def __init__(self, scale: float = 100.0, manual: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.scale = scale
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch: Any, index: int) -> Any:
+        x, y = batch
+        loss = self.scale * torch.nn.functional.mse_loss(self.net(x), y)
+        if self.automatic_optimization:
+            return loss
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return None
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def _data(batches: int = 4) -> Any:
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16 * batches, 4, generator=generator), torch.randn(16 * batches, 1, generator=generator)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+
+
+def _fit(module: pl.LightningModule, callbacks: list[Any], **options: Any) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
+    trainer.fit(module, _data())
+    return trainer
+
+
+def _parameters(module: pl.LightningModule) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"}],
+    ids=["plain", "accumulation", "bf16-mixed"],
+)
+def test_training_matches_lightnings_own_norm_clipping(options: dict[str, Any]) -> None:
+    ours, theirs = Regression(), Regression()
+    clipping = GradientClipping(max_norm=1.0)
+    _fit(ours, [clipping], **options)
+    _fit(theirs, [], gradient_clip_val=1.0, gradient_clip_algorithm="norm", **options)
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    steps = 2 if options.get("accumulate_grad_batches") else 4
+    assert clipping.clipper.steps == steps
+    assert clipping.clipper.clipped_steps == steps  # scale 100: every step clips
+
+
+def test_the_norm_and_clip_rate_reach_the_logger() -> None:
+    clipping = GradientClipping(max_norm=1e9)  # never clips: the logged norm is the raw one
+    trainer = _fit(Regression(), [clipping])
+    metrics = trainer.callback_metrics
+    assert float(metrics["grad_norm_clip_rate"]) == 0.0
+    assert math.isclose(float(metrics["grad_norm"]), float(clipping.clipper.last_norm), rel_tol=1e-6)
+
+
+def test_fp16_with_a_grad_scaler_clips_the_unscaled_gradients() -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    ours, theirs = Regression(), Regression()
+    clipping = GradientClipping(max_norm=1.0, warn_nonfinite=False)
+    _fit(ours, [clipping], plugins=[plugin])
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0))
+    _fit(theirs, [], plugins=[plugin], gradient_clip_val=1.0)
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert 1.0 < float(clipping.clipper.last_norm) < 1e3  # unscaled (scaled: x256)
+
+
+def test_nonfinite_gradients_are_named_in_a_warning() -> None:
+    class Broken(Regression):
+        def on_after_backward(self) -> None:
+            grad = self.net[2].weight.grad
+            assert grad is not None
+            grad[0, 0] = math.nan
+
+    with pytest.warns(NonFiniteGradientWarning, match=r"net\.2\.weight"):
+        _fit(Broken(), [GradientClipping(max_norm=1.0)])
+
+
+def test_double_clipping_is_refused() -> None:
+    with pytest.raises(ValueError, match="gradient_clip_val"):
+        _fit(Regression(), [GradientClipping(max_norm=1.0)], gradient_clip_val=1.0)
+
+
+def test_manual_optimization_clips_at_each_optimizer_step() -> None:
+    clipping = GradientClipping(max_norm=1.0)
+    _fit(Regression(manual=True), [clipping])
+    assert clipping.clipper.steps == 4
+    assert clipping.clipper.clipped_steps == 4
