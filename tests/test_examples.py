@@ -17,6 +17,8 @@ NEEDS = {
     "jax_example.py": "optax",
     "numpy_example.py": None,
     "backend_tour.py": None,
+    "lightning_example.py": "lightning",
+    "transformers_example.py": "transformers",
 }
 
 
@@ -40,6 +42,7 @@ MODULES = {
     "agclip.backends._torch_callback": "torch",
     "agclip.backends.jax": "optax",
 }
+# (the integrations' docstrings have no examples: their pages and examples/ show them)
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

@@ -17,12 +17,14 @@ else:
     torch = pytest.importorskip("torch")
     pl = pytest.importorskip("lightning.pytorch")
 
-from agclip.backends.torch import NonFiniteGradientWarning  # noqa: E402
-from agclip.integrations.lightning import GradientClipping  # noqa: E402
+from agclip.backends.torch import NonFiniteGradientWarning
+from agclip.integrations.lightning import GradientClipping
 
 pytestmark = [
     # lightning 2.6 with torch 2.13: its own use of a deprecated torch pytree API.
-    pytest.mark.filterwarnings("ignore:.isinstance.treespec, LeafSpec.. is deprecated:FutureWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:.isinstance.treespec, LeafSpec.. is deprecated:FutureWarning"
+    ),
     pytest.mark.filterwarnings("ignore:.*does not have many workers"),
     pytest.mark.filterwarnings("ignore:.*is smaller than the logging interval"),
     pytest.mark.filterwarnings("ignore:.*precision='16-mixed'.*not supported on CPU"),
@@ -33,7 +35,9 @@ class Regression(pl.LightningModule):
     def __init__(self, scale: float = 100.0, manual: bool = False):
         super().__init__()
         torch.manual_seed(0)
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+        )
         self.scale = scale
         self.automatic_optimization = not manual
 
@@ -43,6 +47,7 @@ class Regression(pl.LightningModule):
         if self.automatic_optimization:
             return loss
         optimizer = self.optimizers()
+        assert not isinstance(optimizer, list)  # one optimizer
         optimizer.zero_grad()
         self.manual_backward(loss)
         optimizer.step()
@@ -54,7 +59,10 @@ class Regression(pl.LightningModule):
 
 def _data(batches: int = 4) -> Any:
     generator = torch.Generator().manual_seed(1)
-    x, y = torch.randn(16 * batches, 4, generator=generator), torch.randn(16 * batches, 1, generator=generator)
+    x, y = (
+        torch.randn(16 * batches, 4, generator=generator),
+        torch.randn(16 * batches, 1, generator=generator),
+    )
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
@@ -98,7 +106,9 @@ def test_the_norm_and_clip_rate_reach_the_logger() -> None:
     trainer = _fit(Regression(), [clipping])
     metrics = trainer.callback_metrics
     assert float(metrics["grad_norm_clip_rate"]) == 0.0
-    assert math.isclose(float(metrics["grad_norm"]), float(clipping.clipper.last_norm), rel_tol=1e-6)
+    last = clipping.clipper.last_norm
+    assert last is not None
+    assert math.isclose(float(metrics["grad_norm"]), float(last), rel_tol=1e-6)
 
 
 def test_fp16_with_a_grad_scaler_clips_the_unscaled_gradients() -> None:
@@ -113,15 +123,18 @@ def test_fp16_with_a_grad_scaler_clips_the_unscaled_gradients() -> None:
     _fit(theirs, [], plugins=[plugin], gradient_clip_val=1.0)
     for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-    assert 1.0 < float(clipping.clipper.last_norm) < 1e3  # unscaled (scaled: x256)
+    last = clipping.clipper.last_norm
+    assert last is not None
+    assert 1.0 < float(last) < 1e3  # unscaled (scaled: x256)
 
 
 def test_nonfinite_gradients_are_named_in_a_warning() -> None:
     class Broken(Regression):
         def on_after_backward(self) -> None:
-            grad = self.net[2].weight.grad
-            assert grad is not None
-            grad[0, 0] = math.nan
+            layer = self.net[2]
+            assert isinstance(layer, torch.nn.Linear)
+            assert layer.weight.grad is not None
+            layer.weight.grad[0, 0] = math.nan
 
     with pytest.warns(NonFiniteGradientWarning, match=r"net\.2\.weight"):
         _fit(Broken(), [GradientClipping(max_norm=1.0)])

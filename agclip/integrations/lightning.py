@@ -6,9 +6,8 @@ Replace the Trainer's own clipping with one callback::
     Trainer(callbacks=[GradientClipping(max_norm=1.0)])
 
 It clips in ``on_before_optimizer_step``: after gradient accumulation and
-after AMP unscaling, where Lightning itself clips. Works with the
-``lightning`` package (``lightning.pytorch``) or the standalone
-``pytorch_lightning``, whichever is installed (``lightning`` first).
+after AMP unscaling, where Lightning itself clips. Built on the ``lightning``
+package (``lightning.pytorch``).
 """
 
 from __future__ import annotations
@@ -16,19 +15,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 
-from ..backends.torch import GradientClipCallback
 from .._typing import Scalar
-
-try:
-    from lightning.pytorch import Callback, LightningModule, Trainer
-except ImportError:  # pragma: no cover - the standalone package
-    from pytorch_lightning import Callback, LightningModule, Trainer  # type: ignore[no-redef]
+from ..backends.torch import GradientClipCallback
 
 __all__ = ["GradientClipping"]
 
 
-class GradientClipping(Callback):  # type: ignore[misc]
+class GradientClipping(Callback):
     """Clip gradients with agclip before every optimizer step, and log the norm.
 
     The pre-clip norm is logged every step as ``name`` (default

@@ -1,0 +1,98 @@
+"""Hugging Face Trainer: clip with agclip before each optimizer step.
+
+Switch the Trainer's own clipping off and add one callback::
+
+    # before: TrainingArguments(..., max_grad_norm=1.0)
+    args = TrainingArguments(..., max_grad_norm=0)
+    Trainer(model, args, ..., callbacks=[GradientClippingCallback(max_norm=1.0)])
+
+It clips in ``on_pre_optimizer_step``: after gradient accumulation and after
+the Trainer's AMP unscaling. The Trainer's logs report agclip's pre-clip norm
+as ``grad_norm`` (as the Trainer does for its own clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .._typing import Scalar
+from ..backends.torch import GradientClipCallback
+
+__all__ = ["GradientClippingCallback"]
+
+
+class GradientClippingCallback(TrainerCallback):
+    """A ``TrainerCallback`` that clips the model's gradients with agclip.
+
+    Needs ``TrainingArguments(max_grad_norm=0)`` (or ``None``): a Trainer
+    clipping on its own as well is refused when training starts. Non-finite
+    gradients give a ``NonFiniteGradientWarning`` naming the parameters, or a
+    ``RuntimeError`` with ``error_if_nonfinite=True`` before anything is
+    modified. Each training log (``logs["grad_norm"]``, also in
+    ``state.log_history``) carries the pre-clip norm of the last step.
+
+    Args:
+        max_norm: the largest total gradient norm allowed.
+        norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
+        error_if_nonfinite: raise instead of warning on NaN/inf gradients.
+        warn_nonfinite: warn on NaN/inf gradients (turn off with ``fp16=True``,
+            whose scaler skips such steps itself).
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+
+    def __init__(
+        self,
+        max_norm: Scalar = 1.0,
+        norm_type: float | str = 2.0,
+        error_if_nonfinite: bool = False,
+        *,
+        warn_nonfinite: bool = True,
+    ):
+        self.clipper = GradientClipCallback(
+            max_norm, norm_type, error_if_nonfinite, warn_nonfinite=warn_nonfinite
+        )
+
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        _refuse_double_clipping(args)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        _refuse_double_clipping(args)  # also for a callback added after __init__
+        self.clipper.set_model(kwargs["model"])
+
+    def on_pre_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.clipper.on_after_backward()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        norm = self.clipper.last_norm
+        if logs is None or "loss" not in logs or norm is None:
+            return  # not a training log, or no step yet
+        logs["grad_norm"] = float(norm)  # one read per log, not per step
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == state.global_step and "loss" in last:
+            last["grad_norm"] = logs["grad_norm"]
+
+
+def _refuse_double_clipping(args: TrainingArguments) -> None:
+    if args.max_grad_norm:
+        raise ValueError(
+            f"TrainingArguments(max_grad_norm={args.max_grad_norm}) makes the Trainer clip "
+            "as well as agclip's GradientClippingCallback: set max_grad_norm=0."
+        )

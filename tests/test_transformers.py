@@ -1,0 +1,113 @@
+"""agclip.integrations.transformers on a real Hugging Face Trainer (CPU, seconds, a tiny
+GPT-2 built from a config: no downloads): the same parameters as the Trainer's own
+clipping, the norm in the logs, named non-finite warnings, double clipping
+refused, accumulation and bf16."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+    import transformers
+else:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+from agclip.backends.torch import NonFiniteGradientWarning
+from agclip.integrations.transformers import GradientClippingCallback
+
+
+def _model() -> Any:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _dataset(rows: int = 16) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (rows, 12), generator=generator)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def _train(tmp_path: Path, callbacks: list[Any], **options: Any) -> Any:
+    settings: dict[str, Any] = {
+        "output_dir": str(tmp_path),
+        "per_device_train_batch_size": 4,
+        "max_steps": 4,
+        "learning_rate": 1e-2,
+        "logging_steps": 1,
+        "report_to": [],
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        "max_grad_norm": 0.0,
+    }
+    settings.update(options)
+    model = _model()
+    args = transformers.TrainingArguments(**settings)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_dataset(), callbacks=callbacks
+    )
+    trainer.train()
+    return trainer
+
+
+def _parameters(trainer: Any) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"gradient_accumulation_steps": 2}, {"bf16": True}],
+    ids=["plain", "accumulation", "bf16"],
+)
+def test_training_matches_the_trainers_own_clipping(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    clipping = GradientClippingCallback(max_norm=0.1)
+    ours = _train(tmp_path / "ours", [clipping], **options)
+    theirs = _train(tmp_path / "theirs", [], **{**options, "max_grad_norm": 0.1})
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert clipping.clipper.steps == 4
+    assert clipping.clipper.clipped_steps > 0
+
+
+def test_the_pre_clip_norm_is_the_logged_grad_norm(tmp_path: Path) -> None:
+    clipping = GradientClippingCallback(max_norm=0.1)
+    trainer = _train(tmp_path, [clipping])
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 4
+    last = clipping.clipper.last_norm
+    assert last is not None
+    assert math.isclose(logged[-1], float(last), rel_tol=1e-6)
+    assert all(norm > 0.1 for norm in logged)  # pre-clip, above the threshold
+
+
+def test_nonfinite_gradients_are_named_in_a_warning(tmp_path: Path) -> None:
+    class Poison(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            kw["model"].lm_head.weight.grad[0, 0] = math.nan
+
+    with pytest.warns(NonFiniteGradientWarning, match=r"transformer\.wte\.weight"):
+        _train(tmp_path, [Poison(), GradientClippingCallback(max_norm=0.1)], max_steps=1)
+
+
+def test_double_clipping_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_grad_norm=0"):
+        _train(tmp_path, [GradientClippingCallback(max_norm=0.1)], max_grad_norm=1.0)
