@@ -63,10 +63,14 @@ class Batch:
 
     ``groups`` holds the leaves in groups of one device and dtype when the
     backend needs them (PyTorch); the generic kernels leave it empty.
+    ``weights``, when given (one per group), is what each group's sum of
+    powers counts for in a norm: ``1 / replication`` for a shard that other
+    ranks hold copies of (PyTorch's distributed norm).
     """
 
     leaves: list[Any]
     groups: list[list[Any]] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.leaves)

@@ -32,6 +32,17 @@ class Reduction:
         """Combine partial maxima."""
         return x
 
+    def needs_guard(self, needed_here: bool) -> bool:
+        """Whether to take the range guard, given this device's static answer. The
+        guard's fallback reduces again, so every participant must decide alike."""
+        return needed_here
+
+    def sum_and_count(self, total: Any, count: int) -> tuple[Any, Any]:
+        """Combine partial sums and the element counts behind them. Ranks that hold
+        different amounts of data override this to reduce both in one collective,
+        so that every rank takes the same branch of the range guard."""
+        return self.sum(total), count
+
 
 LOCAL = Reduction()
 
@@ -44,7 +55,7 @@ def root(k: Kernels, total: Any, p: float) -> Any:
     return xp.where(zero, xp.zeros_like(total), safe ** (1.0 / p))
 
 
-def underflow_floor(size: int) -> float:
+def underflow_floor(size: Any) -> Any:
     """Below this, a sum of ``size`` p-th powers may have lost digits to underflow.
 
     A power computed in float32 that falls under float32's normal range keeps
@@ -53,7 +64,7 @@ def underflow_floor(size: int) -> float:
     ~1e-8 of the exact one. (Kernels that compute powers in float64 are even
     safer; a sum under the floor only costs them a second, rescaled pass.)
     """
-    return max(size, 1) * 2.0**-122
+    return size * 2.0**-122  # an empty sum (size 0) is exact: 0 >= 0
 
 
 def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) -> Any:
@@ -70,9 +81,9 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
     acc = k.accumulator(batch)
     if math.isinf(p):
         return reduce.max(k.max_abs(batch, acc))
-    total = reduce.sum(k.sum_of_powers(batch, p, acc))
+    total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), batch.size)
     fast = root(k, total, p)
-    if not k.needs_guard(batch, p, acc):
+    if not reduce.needs_guard(k.needs_guard(batch, p, acc)):
         return fast
 
     def rescaled() -> Any:
@@ -85,7 +96,7 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
         # all-zero inputs keep 0.
         return xp.where(usable, norm, fast)
 
-    in_range = xp.isfinite(total) & (total >= underflow_floor(batch.size))
+    in_range = xp.isfinite(total) & (total >= underflow_floor(count))
     return k.select(in_range, fast, rescaled)
 
 

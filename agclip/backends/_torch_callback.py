@@ -10,6 +10,7 @@ import torch
 from .._kernels import Batch
 from .._pipeline import clip_by_total_norm
 from .._typing import Scalar
+from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     EPS,
     Labels,
@@ -53,6 +54,8 @@ class GradientClipCallback:
             ``GradScaler``, which expects and skips such steps itself).
         check_every: off-CPU, how many steps between non-finite checks.
         foreach: passed to the scale kernels, as in ``clip_grad_norm_``.
+        process_group: as in ``clip_grad_norm_``: the group over which plain
+            gradients are partitioned (DTensor gradients need none).
 
     Examples:
         >>> import torch
@@ -79,6 +82,7 @@ class GradientClipCallback:
         warn_nonfinite: bool = True,
         check_every: int = 1,
         foreach: bool | None = None,
+        process_group: Any = None,
     ):
         self.max_norm = threshold("max_norm", max_norm)
         self.norm_type = norm_type_arg(norm_type)
@@ -88,6 +92,7 @@ class GradientClipCallback:
         self.warn_nonfinite = warn_nonfinite
         self.check_every = check_every
         self.foreach = foreach
+        self.process_group = process_group
         self._params: list[torch.nn.Parameter] | None = None  # None until set_model
         self._names: list[str] = []
         self.steps = 0
@@ -114,10 +119,11 @@ class GradientClipCallback:
             raise RuntimeError("call set_model(model) before on_after_backward()")
         k = kernels(self.foreach)
         grads, labels = collect_grads(k, self._params, self._names)
-        if not grads:
+        if not grads and self.process_group is None:
             self.steps += 1
             self.last_norm = empty_norm()
             return self.last_norm
+        grads, reduce = distributed_batch(k, grads, self.process_group)
         refuse = raise_if_nonfinite(k, grads, labels) if self.error_if_nonfinite else None
 
         def observe(norm: torch.Tensor) -> None:  # between the norm and the first write
@@ -130,7 +136,14 @@ class GradientClipCallback:
                 self._warn_if_nonfinite(grads, labels)
 
         _, norm = clip_by_total_norm(
-            k, grads, self.max_norm, EPS, p=self.norm_type, in_place=True, check=observe
+            k,
+            grads,
+            self.max_norm,
+            EPS,
+            p=self.norm_type,
+            in_place=True,
+            reduce=reduce,
+            check=observe,
         )
         self.last_norm = result_norm(k, norm, grads)
         return self.last_norm

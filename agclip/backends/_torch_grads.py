@@ -157,7 +157,8 @@ def raise_if_nonfinite(k: Kernels, batch: Batch, labels: Labels) -> Callable[[An
         bad = nonfinite_labels(batch, labels)
         raise RuntimeError(
             f"The total norm of the gradients is {float(norm)}; non-finite gradients in: "
-            f"{', '.join(bad) or 'none (the norm itself overflowed)'}. Nothing was clipped. "
+            f"{', '.join(bad) or 'none here (the norm overflowed, or another rank holds them)'}. "
+            "Nothing was clipped. "
             "Set error_if_nonfinite=False to clip anyway (non-finite values then stay "
             "non-finite)."
         )

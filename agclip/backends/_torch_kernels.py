@@ -75,12 +75,14 @@ class TorchKernels(Kernels):
 
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         parts = []
-        for group in batch.groups:
+        weights = batch.weights or [1.0] * len(batch.groups)
+        for group, weight in zip(batch.groups, weights, strict=True):
             tensors = group if scale is None else [t.to(acc) * scale.to(t.device) for t in group]
             if tensors[0].is_cpu:
-                parts.append(self._cpu_sum(tensors, p, acc))
+                part = self._cpu_sum(tensors, p, acc)
             else:
-                parts.append(self._device_sum(tensors, p, acc))
+                part = self._device_sum(tensors, p, acc)
+            parts.append(part if weight == 1.0 else part * weight)
         if not parts:
             return torch.zeros((), dtype=acc, device=batch.leaves[0].device if batch else None)
         return self.stack(parts).sum()

@@ -23,11 +23,14 @@ Examples:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
 from .._typing import Scalar
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
+from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     EPS,
     Labels,
@@ -63,6 +66,8 @@ def clip_grad_norm_(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """Clip the gradients of ``parameters`` in place to a total norm of ``max_norm``.
 
@@ -78,10 +83,18 @@ def clip_grad_norm_(
             gradients (before any is modified) when the total norm is NaN/inf.
         foreach: ``None`` picks the fastest path; ``False`` forces per-tensor
             kernels; ``True`` foreach kernels.
+        process_group: for plain-tensor gradients partitioned across ranks
+            (pipeline stages, FSDP1 ``use_orig_params`` or ZeRO shards): the
+            ``ProcessGroup`` or ``DeviceMesh`` over which they are distinct.
+            The norm is then global: one all-reduce of one float64 pair, which
+            every rank joins, one without gradients too. DTensor gradients
+            (FSDP2, HSDP, TP, any number of meshes, mixed with plain tensors)
+            need no argument. See the "Distributed training" guide.
 
     Returns:
-        The pre-clip total norm, a 0-d float32 tensor (float64 if any gradient
-        is float64) on the first gradient's device.
+        The pre-clip total norm, a plain 0-d float32 tensor (float64 if any
+        gradient is float64) on the first gradient's device; with distributed
+        gradients, the same global value on every rank.
 
     References:
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
@@ -91,11 +104,14 @@ def clip_grad_norm_(
     p = norm_type_arg(norm_type)
     k = kernels(foreach)
     grads, labels = collect_grads(k, parameters_list(parameters))
-    if not grads:
+    if not grads and process_group is None:
         return empty_norm()
-    check = raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
-    _, norm = clip_by_total_norm(k, grads, max_norm, EPS, p=p, in_place=True, check=check)
-    return result_norm(k, norm, grads)
+    batch, reduce = distributed_batch(k, grads, process_group)
+    check = raise_if_nonfinite(k, batch, labels) if error_if_nonfinite else None
+    _, norm = clip_by_total_norm(
+        k, batch, max_norm, EPS, p=p, in_place=True, reduce=reduce, check=check
+    )
+    return result_norm(k, norm, batch)
 
 
 clip_grad_norm = clip_grad_norm_
@@ -107,11 +123,15 @@ def get_total_norm(
     norm_type: float | str = 2.0,
     error_if_nonfinite: bool = False,
     foreach: bool | None = None,
+    *,
+    process_group: Any = None,
 ) -> torch.Tensor:
     """The norm of the norms of ``tensors`` (like ``torch.nn.utils.get_total_norm``).
 
     Takes the tensors themselves (usually gradients), not parameters.
     ``None`` entries are skipped. ``foreach`` is accepted for compatibility.
+    DTensors and ``process_group`` work as in ``clip_grad_norm_``: the norm
+    is global, a plain tensor equal on every rank.
     """
     p = norm_type_arg(norm_type)
     given = as_list(tensors)
@@ -123,9 +143,10 @@ def get_total_norm(
 
     k = kernels(foreach)
     batch = batch_of_floats(k, (given[index] for index in present), explain)
-    if not batch:
+    if not batch and process_group is None:
         return empty_norm()
-    norm = total_norm(k, batch, p)
+    batch, reduce = distributed_batch(k, batch, process_group)
+    norm = total_norm(k, batch, p, reduce)
     if error_if_nonfinite:
         raise_if_nonfinite(k, batch, Labels(given, present, kind="tensors"))(norm)
     return result_norm(k, norm, batch)

@@ -1,0 +1,355 @@
+"""One rank of the distributed test matrix (run by tests/test_distributed.py via torchrun).
+
+Each case lays gradients out as a real sharding scheme would (FSDP2
+``fully_shard``, HSDP, two meshes, tensor parallel, DDP, pipeline stages,
+FSDP1), clips them with agclip while counting collectives, and records the
+norm, the float64 single-process reference and the error of the clipped
+gradients. Results go to ``OUT/rank{r}.json``; the test reads every rank's.
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+
+from agclip.backends.torch import GradientClipCallback, clip_grad_norm_
+
+SIZES = [(16, 8), (16,), (16, 16), (16,), (4, 16), (4,)]  # an MLP 8 -> 16 -> 16 -> 4
+
+
+def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 16),
+        torch.nn.ReLU(),
+        torch.nn.Linear(16, 4),
+    )
+    return model.to(dtype)
+
+
+def full_grads(scale: float = 1.0) -> list[torch.Tensor]:
+    """The same float64 gradients on every rank (the single-process truth)."""
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randn(shape, generator=generator, dtype=torch.float64) * scale for shape in SIZES]
+
+
+def reference(grads: list[torch.Tensor], p: float) -> float:
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    return float(flat.abs().max() if math.isinf(p) else flat.abs().pow(p).sum() ** (1 / p))
+
+
+def give_grads(params: Sequence[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    """Set each parameter's gradient to its full gradient, laid out like the parameter."""
+    for param, full_grad in zip(params, grads, strict=True):
+        grad = full_grad.to(param.dtype)
+        if isinstance(param, DTensor):
+            param.grad = distribute_tensor(grad, param.device_mesh, param.placements)
+        else:
+            param.grad = grad.clone()
+
+
+def grad_of(param: torch.Tensor) -> torch.Tensor:
+    assert param.grad is not None
+    return param.grad
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def counted(fn: Callable[[], Any]) -> tuple[Any, dict[str, int]]:
+    with CommDebugMode() as comm:
+        out = fn()
+    return out, {str(op).rsplit(".", 1)[-1]: n for op, n in comm.get_comm_counts().items()}
+
+
+def clipped_error(
+    params: Sequence[torch.Tensor], grads: list[torch.Tensor], ref: float, max_norm: float
+) -> float:
+    coef = min(1.0, max_norm / (ref + 1e-6))
+    worst = 0.0
+    for param, grad in zip(params, grads, strict=True):
+        got, want = full(grad_of(param)).double(), grad.to(param.dtype).double() * coef
+        worst = max(worst, float((got - want).norm() / max(float(want.norm()), 1e-300)))
+    return worst
+
+
+def run_clip(
+    params: Sequence[torch.Tensor], grads: list[torch.Tensor], p: float = 2.0, **kw: Any
+) -> dict[str, Any]:
+    ref = reference([g.to(params[0].dtype).double() for g in grads], p)
+    max_norm = ref / 2
+    norm, comms = counted(lambda: clip_grad_norm_(params, max_norm, norm_type=p, **kw))
+    return {
+        "norm": float(norm),
+        "plain": type(norm) is torch.Tensor,
+        "ref": ref,
+        "comms": comms,
+        "clipped_err": clipped_error(params, grads, ref, max_norm),
+    }
+
+
+# -- the cases ---------------------------------------------------------------------
+def fsdp2(p: float, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp(dtype)
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    params = list(model.parameters())
+    grads = full_grads(scale)
+    give_grads(params, grads)
+    return run_clip(params, grads, p)
+
+
+def hsdp() -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("rep", "shard"))
+    model = mlp()
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    grads = full_grads()
+    give_grads(params, grads)
+    result = run_clip(params, grads)
+    first = params[0]
+    assert isinstance(first, DTensor)
+    result["placements"] = str(first.placements)
+    return result
+
+
+def two_meshes() -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    world = dist.get_world_size()
+    model = mlp()
+    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dense",)))
+    fully_shard(model[2], mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("expert",)))
+    params = list(model.parameters())  # the last layer stays plain: a third kind
+    grads = full_grads()
+    give_grads(params, grads)
+    return run_clip(params, grads)
+
+
+def tensor_parallel(all_dtensor: bool) -> dict[str, Any]:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = mlp()
+    plan: dict[str, Any] = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    if all_dtensor:
+        plan["4"] = ColwiseParallel()
+    parallelize_module(model, mesh, plan)
+    params = list(model.parameters())
+    grads = full_grads()
+    give_grads(params, grads)
+    result = run_clip(params, grads)
+    result["kinds"] = sorted({type(p).__name__ for p in params})
+    return result
+
+
+def ddp_bucket_view() -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = torch.nn.parallel.DistributedDataParallel(mlp(), gradient_as_bucket_view=True)
+    reference_model = mlp(torch.float64)
+    inputs = torch.randn(8 * world, 8, generator=torch.Generator().manual_seed(2))
+    targets = torch.randn(8 * world, 4, generator=torch.Generator().manual_seed(3))
+    torch.nn.functional.mse_loss(reference_model(inputs.double()), targets.double()).mul(
+        100
+    ).backward()
+    part = slice(8 * rank, 8 * (rank + 1))
+    torch.nn.functional.mse_loss(model(inputs[part]), targets[part]).mul(100).backward()
+    params = list(model.parameters())
+    return run_clip(params, [grad_of(p) for p in reference_model.parameters()])
+
+
+def pipeline(empty_rank: bool = False) -> dict[str, Any]:
+    """Disjoint plain parameters per rank (pipeline stages); ``process_group`` given."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    params = list(mlp().parameters())
+    grads = full_grads()
+    give_grads(params, grads)
+    owner = (
+        [0] * len(params) if empty_rank else [i * world // len(params) for i in range(len(params))]
+    )
+    mine = [p for p, o in zip(params, owner, strict=True) if o == rank]
+    my_grads = [g for g, o in zip(grads, owner, strict=True) if o == rank]
+    ref = reference(grads, 2.0)
+    max_norm = ref / 2
+    norm, comms = counted(lambda: clip_grad_norm_(mine, max_norm, process_group=dist.group.WORLD))
+    return {
+        "norm": float(norm),
+        "plain": type(norm) is torch.Tensor,
+        "ref": ref,
+        "comms": comms,
+        "clipped_err": clipped_error(mine, my_grads, ref, max_norm) if mine else 0.0,
+        "owned": len(mine),
+    }
+
+
+def fsdp1() -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = torch.randn(8 * world, 8, generator=torch.Generator().manual_seed(2))
+    targets = torch.randn(8 * world, 4, generator=torch.Generator().manual_seed(3))
+    reference_model = mlp(torch.float64)
+    torch.nn.functional.mse_loss(reference_model(inputs.double()), targets.double()).mul(
+        100
+    ).backward()
+    ref = reference([grad_of(p) for p in reference_model.parameters()], 2.0)
+    part = slice(8 * rank, 8 * (rank + 1))
+
+    def trained() -> Any:
+        model = FSDP(mlp(), use_orig_params=True, device_id=torch.device("cpu"))
+        torch.nn.functional.mse_loss(model(inputs[part]), targets[part]).mul(100).backward()
+        return model
+
+    ours, theirs = trained(), trained()
+    params = [p for p in ours.parameters() if p.grad is not None]
+    norm, comms = counted(
+        lambda: clip_grad_norm_(params, ref / 2, process_group=ours.process_group)
+    )
+    want = theirs.clip_grad_norm_(ref / 2)
+    worst = max(
+        float((a.grad - b.grad).abs().max())
+        for a, b in zip(ours.parameters(), theirs.parameters(), strict=True)
+        if a.grad is not None
+    )
+    return {
+        "norm": float(norm),
+        "plain": True,
+        "ref": ref,
+        "comms": comms,
+        "fsdp1_norm": float(want),
+        "vs_fsdp1_max_abs": worst,
+        "clipped_err": 0.0,
+    }
+
+
+def pp_fsdp2() -> dict[str, Any]:
+    """World 4: two pipeline stages, each FSDP2-sharded over its own 2 ranks."""
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    stage = mesh.get_local_rank("pp")
+    model = mlp()
+    layers = [model[0], model[2]] if stage == 0 else [model[4]]
+    for layer in layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    all_grads = full_grads()
+    owned = [0, 1, 2, 3] if stage == 0 else [4, 5]
+    params = [p for layer in layers for p in layer.parameters()]
+    grads = [all_grads[i] for i in owned]
+    give_grads(params, grads)
+    ref = reference(all_grads, 2.0)
+    max_norm = ref / 2
+    norm, comms = counted(lambda: clip_grad_norm_(params, max_norm))
+    return {
+        "norm": float(norm),
+        "plain": type(norm) is torch.Tensor,
+        "ref": ref,
+        "comms": comms,
+        "clipped_err": clipped_error(params, grads, ref, max_norm),
+    }
+
+
+def nan_on_one_rank() -> dict[str, Any]:
+    rank = dist.get_rank()
+    params = list(mlp().parameters())
+    grads = full_grads()
+    give_grads(params, grads)
+    mine = params[rank :: dist.get_world_size()]
+    if rank == 1:
+        grad_of(mine[0])[0] = math.nan
+    before = [grad_of(p).clone() for p in mine]
+    try:
+        clip_grad_norm_(mine, 1.0, error_if_nonfinite=True, process_group=dist.group.WORLD)
+        raised = ""
+    except RuntimeError as error:
+        raised = str(error)
+    untouched = all(
+        torch.equal(grad_of(p).nan_to_num(7.0), b.nan_to_num(7.0))
+        for p, b in zip(mine, before, strict=True)
+    )
+    return {"raised": raised, "untouched": untouched}
+
+
+def callback_with_dtensors() -> dict[str, Any]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = mlp()
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    grads = full_grads(scale=10.0)
+    give_grads(list(model.parameters()), grads)
+    callback = GradientClipCallback(max_norm=1.0)
+    callback.set_model(model)
+    norm, comms = counted(callback.on_after_backward)
+    ref = reference(grads, 2.0)
+    return {
+        "norm": float(norm),
+        "plain": type(norm) is torch.Tensor,
+        "ref": ref,
+        "comms": comms,
+        "clipped_err": clipped_error(list(model.parameters()), grads, ref, 1.0),
+        "steps": callback.steps,
+        "clipped_steps": callback.clipped_steps,
+    }
+
+
+CASES: dict[str, Callable[[], dict[str, Any]]] = {
+    "fsdp2_p2": lambda: fsdp2(2.0),
+    "fsdp2_p1": lambda: fsdp2(1.0),
+    "fsdp2_pinf": lambda: fsdp2(math.inf),
+    "fsdp2_fp16_beyond_65504": lambda: fsdp2(2.0, torch.float16, scale=9000.0),
+    "fsdp2_x1e18": lambda: fsdp2(2.0, scale=1e18),
+    "two_meshes_and_plain": two_meshes,
+    "tp_with_plain_params": lambda: tensor_parallel(all_dtensor=False),
+    "tp_all_dtensor": lambda: tensor_parallel(all_dtensor=True),
+    "ddp_bucket_view": ddp_bucket_view,
+    "pipeline_process_group": pipeline,
+    "rank_without_gradients": lambda: pipeline(empty_rank=True),
+    "fsdp1_use_orig_params": fsdp1,
+    "nan_on_one_rank": nan_on_one_rank,
+    "callback_with_dtensors": callback_with_dtensors,
+}
+WORLD_4_ONLY: dict[str, Callable[[], dict[str, Any]]] = {"hsdp_2x2": hsdp, "pp2_x_fsdp2": pp_fsdp2}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")  # FSDP1's deprecation notice and the like
+    out = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    cases = dict(CASES, **WORLD_4_ONLY) if dist.get_world_size() == 4 else CASES
+    results = {}
+    for name, case in cases.items():
+        try:
+            results[name] = case()
+        except Exception:  # recorded and reported by the test, rank by rank
+            results[name] = {"error": traceback.format_exc()}
+        dist.barrier()
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
