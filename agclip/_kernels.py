@@ -15,7 +15,7 @@ The contract, in one place:
 ``accumulator``        dtype partial sums combine in
 ``result_dtype``       dtype of a returned norm
 ``needs_guard``        whether a norm needs the overflow/underflow guard (static)
-``sum_of_powers``      sum(|x * scale|**p) over the batch, a 0-d array
+``sum_of_powers``      sum(|x * scale|**p) over the batch (times each group's weight)
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
 ``select``             value if keep else fallback() (the guard's branch)
@@ -142,7 +142,11 @@ class Kernels:
         """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
         xp = self.xp
         with quiet():
-            parts = [self._leaf_sum(leaf, p, acc, scale) for leaf in batch.leaves if _size(leaf)]
+            parts = []
+            for weight, leaf in weighted_leaves(batch):
+                if _size(leaf):
+                    part = self._leaf_sum(leaf, p, acc, scale)
+                    parts.append(part if weight == 1.0 else part * weight)
             if not parts:
                 return xp.zeros((), dtype=acc)
             return xp.sum(self.stack(parts))
@@ -243,6 +247,17 @@ class Kernels:
         """Clip in place. Every bound is computed before the first write."""
         for leaf, clipped in zip(batch.leaves, self.clip_values(batch, clip_value), strict=True):
             leaf[...] = clipped
+
+
+def weighted_leaves(batch: Batch) -> list[tuple[float, Any]]:
+    """(weight, leaf) pairs: the batch's group weights, or 1 for every leaf."""
+    if not batch.weights:
+        return [(1.0, leaf) for leaf in batch.leaves]
+    return [
+        (weight, leaf)
+        for group, weight in zip(batch.groups, batch.weights, strict=True)
+        for leaf in group
+    ]
 
 
 def _log10_tiniest(finfo: Any) -> float:

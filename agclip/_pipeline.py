@@ -11,7 +11,7 @@ beside it. Everything here takes validated arguments and a :class:`Batch`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,11 @@ class Reduction:
     def max(self, x: Any) -> Any:
         """Combine partial maxima."""
         return x
+
+    def prepare(self, k: Kernels, leaves: Sequence[Any]) -> Batch:
+        """The batch to reduce. A layout in which devices hold copies of some leaves
+        weights them (``1 / copies``), so that the reduced sum counts each once."""
+        return k.prepare(leaves)
 
     def needs_guard(self, needed_here: bool) -> bool:
         """Whether to take the range guard, given this device's static answer. The
@@ -153,7 +158,7 @@ def global_norm_of_leaves(
     k: Kernels, leaves: list[Any], *, p: float, reduce: Reduction = LOCAL
 ) -> Any:
     """The global norm in the result dtype."""
-    batch = k.prepare(leaves)
+    batch = reduce.prepare(k, leaves)
     return k.xp.astype(total_norm(k, batch, p, reduce), k.result_dtype(batch))
 
 
@@ -161,7 +166,7 @@ def clip_leaves_by_global_norm(
     k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction = LOCAL
 ) -> tuple[list[Any], Any]:
     """New clipped leaves and the pre-clip norm in the result dtype."""
-    batch = k.prepare(leaves)
+    batch = reduce.prepare(k, leaves)
     clipped, norm = clip_by_total_norm(k, batch, max_norm, eps, p=p, reduce=reduce)
     return clipped, k.xp.astype(norm, k.result_dtype(batch))
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .._kernels import L2, Batch, Kernels, pow_abs, quiet
+from .._kernels import L2, Batch, Kernels, pow_abs, quiet, weighted_leaves
 
 # Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
 # partial sums short (relative error ~1e-8 on 4e7 values) at ~1.1x the time of
@@ -27,8 +27,8 @@ class NumpyKernels(Kernels):
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         total = 0.0  # Python float: partial sums combine in float64
         with quiet():
-            for leaf in batch.leaves:
-                total += self._array_sum(np.asarray(leaf), p, scale)
+            for weight, leaf in weighted_leaves(batch):
+                total += weight * self._array_sum(np.asarray(leaf), p, scale)
         return np.asarray(total, dtype=acc)
 
     def _array_sum(self, x: np.ndarray, p: float, scale: Any) -> float:

@@ -27,17 +27,19 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
 from .._dispatch import kernels_for
-from .._kernels import Kernels
+from .._kernels import Batch, Kernels
 from .._pipeline import (
     LOCAL,
     Reduction,
@@ -126,16 +128,60 @@ def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
 
 @dataclass(frozen=True)
 class AxisReduction(Reduction):
-    """Partial sums and maxima combined over the devices of a named axis
-    (``pmap`` / ``shard_map``): the pipeline's reduction parameter."""
+    """Partial sums and maxima combined over the devices of named axes
+    (``shard_map`` / ``pmap``): the pipeline's reduction parameter.
+
+    ``replicated``, per leaf, names the axes over which that leaf is *not*
+    partitioned (its devices hold copies): its sum of powers counts for
+    ``1 / copies``, so the psum counts it once. ``None``: every leaf is
+    partitioned over every axis.
+    """
 
     axis_name: Any
+    replicated: tuple[tuple[Any, ...], ...] | None = None
+
+    def prepare(self, k: Kernels, leaves: Sequence[Any]) -> Batch:
+        if self.replicated is None:
+            return k.prepare(leaves)
+        copies = [math.prod(jax.lax.axis_size(name) for name in names) for names in self.replicated]
+        return Batch(list(leaves), [[leaf] for leaf in leaves], [1.0 / c for c in copies])
 
     def sum(self, x: Any) -> Any:
         return jax.lax.psum(x, self.axis_name)
 
     def max(self, x: Any) -> Any:
         return jax.lax.pmax(x, self.axis_name)
+
+
+def _reduction(axis_name: Any, specs: Any, updates: Any) -> Reduction:
+    """How the norm of ``updates`` is reduced across devices (see ``AxisReduction``)."""
+    if axis_name is None:
+        return LOCAL
+    if specs is None:
+        return AxisReduction(axis_name)
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    structure: Any = jax.tree_util.tree_structure(updates)  # PyTreeDef: untyped methods
+    if isinstance(specs, PartitionSpec):
+        per_leaf = [specs] * structure.num_leaves
+    else:
+        try:
+            per_leaf = structure.flatten_up_to(specs)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"specs must have the structure of the updates: {error}") from None
+    return AxisReduction(
+        axis_name, tuple(tuple(a for a in axes if a not in _axes_of(s)) for s in per_leaf)
+    )
+
+
+def _axes_of(spec: Any) -> set[Any]:
+    """The mesh axes a PartitionSpec partitions over (None: a replicated leaf)."""
+    used: set[Any] = set()
+    for entry in () if spec is None else tuple(spec):
+        if isinstance(entry, tuple):
+            used.update(entry)
+        elif entry is not None:
+            used.add(entry)
+    return used
 
 
 def _clip_keeping_norm(
@@ -146,7 +192,12 @@ def _clip_keeping_norm(
 
 
 def clip_by_global_norm(
-    max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e-6, axis_name: Any = None
+    max_norm: Scalar,
+    *,
+    ord: float | None = None,
+    eps: Scalar = 1e-6,
+    axis_name: Any = None,
+    specs: Any = None,
 ) -> GradientTransformation:
     """Scale updates by ``min(1, max_norm / (global_norm + eps))``; the state keeps the norm.
 
@@ -158,8 +209,17 @@ def clip_by_global_norm(
             ``static_args=("ord",)`` to set it (the default needs nothing).
         eps: added to the norm before dividing (``0.0`` reproduces optax);
             injectable.
-        axis_name: under ``pmap`` / ``shard_map``, the axis to ``psum`` the norm
-            over so every shard clips by the same global norm.
+        axis_name: inside ``shard_map`` (or ``pmap``) over updates that are
+            *partitioned* across devices: the axis name, or a tuple of them, to
+            reduce the norm over. Leave it ``None`` under ``jit`` with sharded
+            arrays (GSPMD already computes the global norm, single- or
+            multi-host) and for gradients that are already identical on every
+            device (``pmap`` after ``lax.pmean``).
+        specs: with ``axis_name``, the ``PartitionSpec`` of each update leaf (a
+            tree like the updates, or one spec for all, as in ``shard_map``'s
+            ``in_specs``). A leaf not partitioned over some named axis is a copy
+            there and is counted once. ``None``: every leaf is partitioned over
+            every named axis.
 
     References:
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
@@ -167,7 +227,8 @@ def clip_by_global_norm(
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
     p, eps = _order(ord), check_eps(eps)
-    reduce = LOCAL if axis_name is None else AxisReduction(axis_name)
+    if specs is not None and axis_name is None:
+        raise ValueError("specs describe a shard_map layout: pass axis_name with them")
 
     def init(params: Any) -> ClipByGlobalNormState:
         del params
@@ -175,6 +236,7 @@ def clip_by_global_norm(
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
+        reduce = _reduction(axis_name, specs, updates)
         out, flat = _apply(updates, _clip_keeping_norm, max_norm, eps, p=p, reduce=reduce)
         if out is None:
             return updates, ClipByGlobalNormState(norm=jnp.zeros((), jnp.float32))
