@@ -6,13 +6,14 @@ FSDP1), clips them with agclip while counting collectives, and records the
 norm, the float64 single-process reference and the error of the clipped
 gradients. Results go to ``OUT/rank{r}.json``; the test reads every rank's.
 
-    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py OUT [gloo|nccl]
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import traceback
 import warnings
@@ -28,10 +29,18 @@ from torch.distributed.tensor.debug import CommDebugMode
 
 from agclip.backends.torch import GradientClipCallback, clip_grad_norm_
 
+DEVICE = "cpu"  # "cuda" when the worker runs with NCCL
+
+
+def local_device() -> str:
+    return f"cuda:{dist.get_rank() % torch.cuda.device_count()}" if DEVICE == "cuda" else "cpu"
+
+
 SIZES = [(16, 8), (16,), (16, 16), (16,), (4, 16), (4,)]  # an MLP 8 -> 16 -> 16 -> 4
 
 
-def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+def mlp(dtype: torch.dtype = torch.float32, device: str | None = None) -> torch.nn.Sequential:
+    """The model, on this rank's device (the float64 reference stays on the CPU)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(8, 16),
@@ -40,7 +49,7 @@ def mlp(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
         torch.nn.ReLU(),
         torch.nn.Linear(16, 4),
     )
-    return model.to(dtype)
+    return model.to(dtype=dtype, device=device or local_device())
 
 
 def full_grads(scale: float = 1.0) -> list[torch.Tensor]:
@@ -57,7 +66,7 @@ def reference(grads: list[torch.Tensor], p: float) -> float:
 def give_grads(params: Sequence[torch.Tensor], grads: list[torch.Tensor]) -> None:
     """Set each parameter's gradient to its full gradient, laid out like the parameter."""
     for param, full_grad in zip(params, grads, strict=True):
-        grad = full_grad.to(param.dtype)
+        grad = full_grad.to(device=param.device, dtype=param.dtype)
         if isinstance(param, DTensor):
             param.grad = distribute_tensor(grad, param.device_mesh, param.placements)
         else:
@@ -85,7 +94,8 @@ def clipped_error(
     coef = min(1.0, max_norm / (ref + 1e-6))
     worst = 0.0
     for param, grad in zip(params, grads, strict=True):
-        got, want = full(grad_of(param)).double(), grad.to(param.dtype).double() * coef
+        got = full(grad_of(param)).double().cpu()
+        want = grad.to(param.dtype).double().cpu() * coef
         worst = max(worst, float((got - want).norm() / max(float(want.norm()), 1e-300)))
     return worst
 
@@ -110,7 +120,7 @@ def fsdp2(p: float, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> d
     from torch.distributed.fsdp import fully_shard
 
     model = mlp(dtype)
-    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    fully_shard(model, mesh=init_device_mesh(DEVICE, (dist.get_world_size(),)))
     params = list(model.parameters())
     grads = full_grads(scale)
     give_grads(params, grads)
@@ -120,7 +130,9 @@ def fsdp2(p: float, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> d
 def hsdp() -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("rep", "shard"))
+    mesh = init_device_mesh(
+        DEVICE, (2, dist.get_world_size() // 2), mesh_dim_names=("rep", "shard")
+    )
     model = mlp()
     fully_shard(model, mesh=mesh)
     params = list(model.parameters())
@@ -138,8 +150,8 @@ def two_meshes() -> dict[str, Any]:
 
     world = dist.get_world_size()
     model = mlp()
-    fully_shard(model[0], mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("dense",)))
-    fully_shard(model[2], mesh=init_device_mesh("cpu", (world,), mesh_dim_names=("expert",)))
+    fully_shard(model[0], mesh=init_device_mesh(DEVICE, (world,), mesh_dim_names=("dense",)))
+    fully_shard(model[2], mesh=init_device_mesh(DEVICE, (world,), mesh_dim_names=("expert",)))
     params = list(model.parameters())  # the last layer stays plain: a third kind
     grads = full_grads()
     give_grads(params, grads)
@@ -153,7 +165,7 @@ def tensor_parallel(all_dtensor: bool) -> dict[str, Any]:
         parallelize_module,
     )
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(DEVICE, (dist.get_world_size(),))
     model = mlp()
     plan: dict[str, Any] = {"0": ColwiseParallel(), "2": RowwiseParallel()}
     if all_dtensor:
@@ -170,14 +182,17 @@ def tensor_parallel(all_dtensor: bool) -> dict[str, Any]:
 def ddp_bucket_view() -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = torch.nn.parallel.DistributedDataParallel(mlp(), gradient_as_bucket_view=True)
-    reference_model = mlp(torch.float64)
+    device = local_device()
+    reference_model = mlp(torch.float64, device="cpu")
     inputs = torch.randn(8 * world, 8, generator=torch.Generator().manual_seed(2))
     targets = torch.randn(8 * world, 4, generator=torch.Generator().manual_seed(3))
     torch.nn.functional.mse_loss(reference_model(inputs.double()), targets.double()).mul(
         100
     ).backward()
     part = slice(8 * rank, 8 * (rank + 1))
-    torch.nn.functional.mse_loss(model(inputs[part]), targets[part]).mul(100).backward()
+    torch.nn.functional.mse_loss(model(inputs[part].to(device)), targets[part].to(device)).mul(
+        100
+    ).backward()
     params = list(model.parameters())
     return run_clip(params, [grad_of(p) for p in reference_model.parameters()])
 
@@ -212,7 +227,7 @@ def fsdp1() -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = torch.randn(8 * world, 8, generator=torch.Generator().manual_seed(2))
     targets = torch.randn(8 * world, 4, generator=torch.Generator().manual_seed(3))
-    reference_model = mlp(torch.float64)
+    reference_model = mlp(torch.float64, device="cpu")
     torch.nn.functional.mse_loss(reference_model(inputs.double()), targets.double()).mul(
         100
     ).backward()
@@ -220,8 +235,12 @@ def fsdp1() -> dict[str, Any]:
     part = slice(8 * rank, 8 * (rank + 1))
 
     def trained() -> Any:
-        model = FSDP(mlp(), use_orig_params=True, device_id=torch.device("cpu"))
-        torch.nn.functional.mse_loss(model(inputs[part]), targets[part]).mul(100).backward()
+        device = local_device()
+        model = FSDP(mlp(), use_orig_params=True, device_id=torch.device(device))
+        loss = torch.nn.functional.mse_loss(
+            model(inputs[part].to(device)), targets[part].to(device)
+        )
+        loss.mul(100).backward()
         return model
 
     ours, theirs = trained(), trained()
@@ -250,7 +269,7 @@ def pp_fsdp2() -> dict[str, Any]:
     """World 4: two pipeline stages, each FSDP2-sharded over its own 2 ranks."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    mesh = init_device_mesh(DEVICE, (2, 2), mesh_dim_names=("pp", "dp"))
     stage = mesh.get_local_rank("pp")
     model = mlp()
     layers = [model[0], model[2]] if stage == 0 else [model[4]]
@@ -298,7 +317,7 @@ def callback_with_dtensors() -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     model = mlp()
-    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    fully_shard(model, mesh=init_device_mesh(DEVICE, (dist.get_world_size(),)))
     grads = full_grads(scale=10.0)
     give_grads(list(model.parameters()), grads)
     callback = GradientClipCallback(max_norm=1.0)
@@ -336,9 +355,13 @@ WORLD_4_ONLY: dict[str, Callable[[], dict[str, Any]]] = {"hsdp_2x2": hsdp, "pp2_
 
 
 def main() -> None:
+    global DEVICE  # noqa: PLW0603 - set once, from the command line
     warnings.filterwarnings("ignore")  # FSDP1's deprecation notice and the like
-    out = Path(sys.argv[1])
-    dist.init_process_group("gloo")
+    out, backend = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "gloo"
+    DEVICE = "cuda" if backend == "nccl" else "cpu"
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend)
     cases = dict(CASES, **WORLD_4_ONLY) if dist.get_world_size() == 4 else CASES
     results = {}
     for name, case in cases.items():

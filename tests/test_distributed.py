@@ -38,7 +38,7 @@ FOUR_ONLY = ["hsdp_2x2", "pp2_x_fsdp2"]
 pytestmark = pytest.mark.slow
 
 
-def _run(world: int, out: Path) -> list[dict[str, Any]]:
+def _run(world: int, out: Path, backend: str = "gloo") -> list[dict[str, Any]]:
     done = subprocess.run(
         [
             sys.executable,
@@ -48,6 +48,7 @@ def _run(world: int, out: Path) -> list[dict[str, Any]]:
             f"--nproc-per-node={world}",
             str(WORKER),
             str(out),
+            backend,
         ],
         capture_output=True,
         text=True,
@@ -78,7 +79,10 @@ CASES = [(w, c) for w in (2, 4) for c in TWO_AND_FOUR] + [(4, c) for c in FOUR_O
 def test_the_norm_is_global_exact_and_costs_one_all_reduce(
     ranks: dict[int, list[dict[str, Any]]], world: int, case: str
 ) -> None:
-    results = _results(ranks, world, case)
+    _check_global_and_cheap(_results(ranks, world, case))
+
+
+def _check_global_and_cheap(results: list[dict[str, Any]]) -> None:
     first = results[0]
     assert {r["norm"] for r in results} == {first["norm"]}, "ranks disagree on the norm"
     assert all(r["plain"] for r in results), "the norm must be a plain tensor"
@@ -121,3 +125,14 @@ def test_layouts_are_what_they_claim(ranks: dict[int, list[dict[str, Any]]]) -> 
     assert {r["owned"] for r in _results(ranks, 2, "rank_without_gradients")} == {0, 6}
     callback = _results(ranks, 2, "callback_with_dtensors")
     assert all(r["steps"] == 1 and r["clipped_steps"] == 1 for r in callback)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs 2 CUDA devices (NCCL); runs where a GPU machine is lent",
+)
+def test_the_nccl_matrix_on_two_gpus(tmp_path: Path) -> None:
+    results = _run(2, tmp_path, backend="nccl")
+    for case in TWO_AND_FOUR:
+        _check_global_and_cheap(_results({2: results}, 2, case))
+    assert all(r["ddp_bucket_view"]["comms"] == {} for r in results)
