@@ -6,7 +6,8 @@ under the command that reproduces each section, plots every ratio and judges
 each against its target: the first rule in ``TARGETS`` whose fields all match
 the ratio's case.
 
-    python benchmarks/run_all.py [--only numpy,torch,jax,stability] [--out docs/benchmarks.md]
+    python benchmarks/run_all.py [--only numpy,torch,jax,distributed,stability]
+        [--out docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ BENCHES = {
     "numpy": ("NumPy: in place vs plain NumPy", "bench_numpy.py"),
     "torch": ("PyTorch: vs torch.nn.utils.clip_grad_norm_", "bench_torch.py"),
     "jax": ("JAX: vs optax.clip_by_global_norm", "bench_jax.py"),
+    "distributed": ("Distributed: FSDP2 on 2 CPU ranks", "bench_distributed.py"),
     "stability": ("Training stability and overhead", "bench_stability.py"),
 }
 
@@ -62,6 +64,7 @@ TARGETS = [
     _t("torch", 1.00, device="cuda"),
     _t("jax", 1.05, case="both jitted"),
     _t("jax", 1.30, case="agclip eager vs optax jit"),
+    _t("distributed", 1.00),  # never slower than torch or torchtitan, one collective
 ]
 
 
