@@ -139,17 +139,27 @@ def clip_by_total_norm(
     in_place: bool = False,
     reduce: Reduction = LOCAL,
     check: Callable[[Any], None] | None = None,
+    hand_over: Callable[[Any, Any], None] | None = None,
+    norm_divisor: Any = None,
 ) -> tuple[list[Any], Any]:
     """The pipeline: total norm -> ``check(norm)`` -> coefficient -> scale.
 
     Returns the clipped leaves (new arrays, or the batch's own leaves when
     ``in_place``) and the pre-clip norm in the accumulator dtype. ``check``
     runs between the norm and the first write: an error it raises leaves
-    every leaf untouched.
+    every leaf untouched. ``hand_over(coefficient, norm)``, when given,
+    receives the coefficient instead of the leaves being scaled (a fused
+    optimizer step applies it). ``norm_divisor`` divides the norm first (the
+    loss scale of gradients that are still scaled).
     """
     norm = total_norm(k, batch, p, reduce)
+    if norm_divisor is not None:
+        norm = norm / norm_divisor
     if check is not None:
         check(norm)
+    if hand_over is not None:
+        hand_over(clip_coefficient(k, norm, max_norm, eps), norm)
+        return batch.leaves, norm
     return scale_by_norm(k, batch, norm, max_norm, eps, in_place=in_place), norm
 
 

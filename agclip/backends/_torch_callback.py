@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from .._kernels import Batch
 from .._pipeline import clip_by_total_norm
 from .._typing import Scalar
 from ._torch_distributed import distributed_batch
+from ._torch_fused import fuses_gradient_scaling, hand_to_step
 from ._torch_grads import (
     EPS,
     Labels,
@@ -56,6 +58,8 @@ class GradientClipCallback:
         foreach: passed to the scale kernels, as in ``clip_grad_norm_``.
         process_group: as in ``clip_grad_norm_``: the group over which plain
             gradients are partitioned (DTensor gradients need none).
+        optimizer: as in ``clip_grad_norm_``: a fused optimizer applies the
+            coefficient inside its next step (no scale pass here).
 
     Examples:
         >>> import torch
@@ -83,6 +87,7 @@ class GradientClipCallback:
         check_every: int = 1,
         foreach: bool | None = None,
         process_group: Any = None,
+        optimizer: Any = None,
     ):
         self.max_norm = threshold("max_norm", max_norm)
         self.norm_type = norm_type_arg(norm_type)
@@ -93,6 +98,7 @@ class GradientClipCallback:
         self.check_every = check_every
         self.foreach = foreach
         self.process_group = process_group
+        self.optimizer = optimizer
         self._params: list[torch.nn.Parameter] | None = None  # None until set_model
         self._names: list[str] = []
         self.steps = 0
@@ -135,6 +141,8 @@ class GradientClipCallback:
             if self.warn_nonfinite and self._should_check(norm):
                 self._warn_if_nonfinite(grads, labels)
 
+        fused = self.optimizer is not None and bool(grads)
+        fused = fused and fuses_gradient_scaling(self.optimizer)
         _, norm = clip_by_total_norm(
             k,
             grads,
@@ -144,6 +152,7 @@ class GradientClipCallback:
             in_place=True,
             reduce=reduce,
             check=observe,
+            hand_over=partial(hand_to_step, self.optimizer, grads) if fused else None,
         )
         self.last_norm = result_norm(k, norm, grads)
         return self.last_norm

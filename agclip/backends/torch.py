@@ -23,6 +23,7 @@ Examples:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
 from .._typing import Scalar
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_distributed import distributed_batch
+from ._torch_fused import amp_scale, fuses_gradient_scaling, hand_to_step
 from ._torch_grads import (
     EPS,
     Labels,
@@ -68,6 +70,8 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     process_group: Any = None,
+    optimizer: Any = None,
+    scaler: Any = None,
 ) -> torch.Tensor:
     """Clip the gradients of ``parameters`` in place to a total norm of ``max_norm``.
 
@@ -90,6 +94,15 @@ def clip_grad_norm_(
             every rank joins, one without gradients too. DTensor gradients
             (FSDP2, HSDP, TP, any number of meshes, mixed with plain tensors)
             need no argument. See the "Distributed training" guide.
+        optimizer: the optimizer whose next ``step()`` follows. A fused one
+            (``Adam``/``AdamW``/``SGD`` with ``fused=True``) applies the
+            coefficient inside its fused kernel: no scale pass here, and a
+            non-finite norm skips that step (parameters and state unchanged),
+            without a host sync. Any other optimizer: the gradients are scaled
+            here, as without it.
+        scaler: with ``optimizer``, a ``torch.amp.GradScaler`` whose scaled
+            gradients were not unscaled: the norm is taken unscaled and the
+            scaler's ``step`` applies its scale and the coefficient together.
 
     Returns:
         The pre-clip total norm, a plain 0-d float32 tensor (float64 if any
@@ -108,8 +121,18 @@ def clip_grad_norm_(
         return empty_norm()
     batch, reduce = distributed_batch(k, grads, process_group)
     check = raise_if_nonfinite(k, batch, labels) if error_if_nonfinite else None
+    fused = optimizer is not None and batch and fuses_gradient_scaling(optimizer)
     _, norm = clip_by_total_norm(
-        k, batch, max_norm, EPS, p=p, in_place=True, reduce=reduce, check=check
+        k,
+        batch,
+        max_norm,
+        EPS,
+        p=p,
+        in_place=True,
+        reduce=reduce,
+        check=check,
+        hand_over=partial(hand_to_step, optimizer, batch) if fused else None,
+        norm_divisor=amp_scale(scaler, optimizer) if scaler is not None else None,
     )
     return result_norm(k, norm, batch)
 
