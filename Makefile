@@ -39,15 +39,13 @@ wheel-test: $(STAMP)
 	cd $(WHEEL_DIR)/run && venv=../venv/bin/python && $$venv -c "import agclip, pathlib; p = pathlib.Path(agclip.__file__).parent; assert 'site-packages' in str(p) and (p / 'py.typed').exists(), p; print('testing the wheel installed at', p)" && $$venv -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_docs.py
 
 # The suite on the lower bounds of pyproject.toml (constraints-min.txt), NumPy,
-# array_api_strict and JAX backends. One JAX test is left out: it imports
-# jax.shard_map, newer than the floor (the library itself does not use it);
-# optax's own tests are tied to the pinned optax.
+# array_api_strict and JAX backends; optax's own tests are tied to the pinned optax.
 MIN_DIR := build/mindeps
 mindeps-test:
 	rm -rf $(MIN_DIR) && $(PY) -m venv $(MIN_DIR)/venv
 	grep -v -E '^(numpy|array-api-compat|optree|array-api-strict|jax|jaxlib|optax)==' constraints.txt > $(MIN_DIR)/tools.txt
 	$(MIN_DIR)/venv/bin/python -m pip install -q -c constraints-min.txt -c $(MIN_DIR)/tools.txt -e '.[jax,test]'
-	AGCLIP_BACKENDS=numpy,array_api_strict,jax,jax_jit $(MIN_DIR)/venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_optax_suite.py --deselect tests/test_jax_adapter.py::test_sharded_and_axis_name_results_equal_unsharded
+	AGCLIP_BACKENDS=numpy,array_api_strict,jax,jax_jit $(MIN_DIR)/venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_optax_suite.py
 
 demo: $(STAMP)
 	$(BIN)/python -m demo

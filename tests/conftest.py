@@ -16,6 +16,10 @@ from support import ALL, Backend, make_backends
 
 _BACKENDS = make_backends()
 
+# Scripts that the distributed tests launch in their own processes: never imported
+# here (pytest-markdown-docs would import them for their docstrings).
+collect_ignore = ["distributed_worker.py", "jax_multiprocess_worker.py"]
+
 
 def _selected() -> list[str]:
     raw = os.environ.get("AGCLIP_BACKENDS", "")

@@ -231,7 +231,10 @@ SHARDED = textwrap.dedent("""
     def local(t):
         out, s = txa.update(t, txa.init(t))
         return out, s.norm
-    from jax import shard_map
+    try:
+        from jax import shard_map
+    except ImportError:  # JAX < 0.6
+        from jax.experimental.shard_map import shard_map
     f = jax.jit(shard_map(local, mesh=mesh, in_specs=(P("d"),), out_specs=(P("d"), P())))
     got, norm = f(sharded)
     np.testing.assert_allclose(np.asarray(got["w"]), np.asarray(want["w"]), rtol=1e-6)

@@ -22,7 +22,13 @@ import os, warnings
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 warnings.filterwarnings("ignore")  # pmap's deprecation notice
 import jax, jax.numpy as jnp, numpy as np
-from jax import shard_map
+try:
+    try:
+        from jax import shard_map
+    except ImportError:  # JAX < 0.6
+        from jax.experimental.shard_map import shard_map
+except ImportError:  # JAX < 0.6
+    from jax.experimental.shard_map import shard_map
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import agclip
 from agclip.backends import jax as agj

@@ -31,8 +31,8 @@ def amp_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
     state = scaler._per_optimizer_states.get(id(optimizer), {})
     if getattr(state.get("stage"), "name", "") == "UNSCALED":
         return None
-    scale: torch.Tensor | None = scaler._scale  # on the gradients' device; None before scale()
-    return None if scale is None else scale.double()
+    loss_scale: torch.Tensor | None = scaler._scale  # on the gradients' device; None before scale()
+    return None if loss_scale is None else loss_scale.double()
 
 
 def fuses_gradient_scaling(optimizer: Any) -> bool:

@@ -143,7 +143,7 @@ class AxisReduction(Reduction):
     def prepare(self, k: Kernels, leaves: Sequence[Any]) -> Batch:
         if self.replicated is None:
             return k.prepare(leaves)
-        copies = [math.prod(jax.lax.axis_size(name) for name in names) for names in self.replicated]
+        copies = [math.prod(_axis_size(name) for name in names) for names in self.replicated]
         return Batch(list(leaves), [[leaf] for leaf in leaves], [1.0 / c for c in copies])
 
     def sum(self, x: Any) -> Any:
@@ -151,6 +151,14 @@ class AxisReduction(Reduction):
 
     def max(self, x: Any) -> Any:
         return jax.lax.pmax(x, self.axis_name)
+
+
+def _axis_size(name: Any) -> int:
+    """The number of devices along a named axis (``lax.axis_size``, or a psum of 1 on
+    JAX versions without it: a static number either way)."""
+    if hasattr(jax.lax, "axis_size"):
+        return int(jax.lax.axis_size(name))
+    return int(jax.lax.psum(1, name))
 
 
 def _reduction(axis_name: Any, specs: Any, updates: Any) -> Reduction:
