@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test lint typecheck pytest wheel-test mindeps-test demo bench docs clean
+.PHONY: setup test lint typecheck pytest wheel-test mindeps-test gpu-check demo bench docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -46,6 +46,15 @@ mindeps-test:
 	grep -v -E '^(numpy|array-api-compat|optree|array-api-strict|jax|jaxlib|optax)==' constraints.txt > $(MIN_DIR)/tools.txt
 	$(MIN_DIR)/venv/bin/python -m pip install -q -c constraints-min.txt -c $(MIN_DIR)/tools.txt -e '.[jax,test]'
 	AGCLIP_BACKENDS=numpy,array_api_strict,jax,jax_jit $(MIN_DIR)/venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_optax_suite.py
+
+# On a machine with CUDA: the CUDA test cases (every backend test on torch_cuda,
+# the no-sync, mixed-device and fused-step tests) and the PyTorch benchmark,
+# whose CUDA rows and fused-step case print in one table. A few minutes.
+gpu-check: $(STAMP)
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print(torch.cuda.get_device_name())"
+	AGCLIP_BACKENDS=torch_cuda $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_hardening.py tests/test_properties.py
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_torch_adapter.py tests/test_fused_step.py tests/test_distributed.py -k "cuda or nccl"
+	$(BIN)/python benchmarks/bench_torch.py --repeats 7
 
 demo: $(STAMP)
 	$(BIN)/python -m demo

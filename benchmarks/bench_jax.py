@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from common import gpt2_small_shapes, interleaved, machine, make_grads, reference_norm
-from report import speed_benchmark
+from report import Report, speed_benchmark
 
 from agclip.backends import jax as agj
 
@@ -65,7 +65,43 @@ def main() -> None:
             ],
         ],
     )
+    adamw_case(report, grads, exact, args.repeats)
     report.emit(args.json)
+
+
+def adamw_case(report: Report, grads: list[jax.Array], exact: float, repeats: int) -> None:
+    """``optax.chain(clip, optax.adamw)`` under ``jit``, end to end: XLA fuses the scale
+    into the update, for optax's clip and for agclip's (its range guard included)."""
+    params = [jnp.zeros_like(g) for g in grads]
+    chains = {
+        "optax": optax.chain(optax.clip_by_global_norm(exact / 2), optax.adamw(1e-4)),
+        "agclip": optax.chain(agj.clip_by_global_norm(exact / 2), optax.adamw(1e-4)),
+    }
+    steps, states = {}, {}
+    for name, tx in chains.items():
+        states[name] = tx.init(params)
+        steps[name] = jax.jit(lambda g, s, p, tx=tx: optax.apply_updates(p, tx.update(g, s, p)[0]))
+    times = interleaved(
+        {
+            name: lambda n=name: jax.block_until_ready(steps[n](grads, states[n], params))
+            for name in chains
+        },
+        repeats=repeats,
+    )
+    report.table(
+        ["case", "optax clip + adamw ms", "agclip clip + adamw ms", "ratio"],
+        [
+            [
+                "clip + adamw, jitted",
+                f"{times['optax'] * 1e3:.1f}",
+                f"{times['agclip'] * 1e3:.1f}",
+                report.ratio(
+                    times["agclip"] / times["optax"], against="optax", case="clip + adamw"
+                ),
+            ]
+        ],
+        caption="A whole optimizer update, jitted: `optax.chain(clip, optax.adamw)`.",
+    )
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
     return rows
 
 
-def fused_step_case(report: Report, repeats: int) -> None:
+def fused_step_case(report: Report, repeats: int, device: str = "cpu") -> list[str]:
     """Clip + AdamW(fused=True) step end to end: agclip's ``optimizer=`` hand-off against
     torch's clip then the same step (GPT-2 small, CPU). The gradients are restored
     before every call (untimed); parameters and optimizer state just move on."""
@@ -137,7 +137,7 @@ def fused_step_case(report: Report, repeats: int) -> None:
     exact = reference_norm(grads)
     sides = {}
     for name in ("torch", "agclip"):
-        params = params_with(grads, "cpu")
+        params = params_with(grads, device)
         optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
         optimizer.step()  # the moments exist from here on
         sides[name] = (params, optimizer, [p.grad.clone() for p in params])
@@ -146,18 +146,25 @@ def fused_step_case(report: Report, repeats: int) -> None:
         params, _, saved = sides[name]
         return lambda: [p.grad.copy_(g) for p, g in zip(params, saved, strict=True)]
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def torch_step():
         params, optimizer, _ = sides["torch"]
         torch.nn.utils.clip_grad_norm_(params, exact / 2)
         optimizer.step()
+        sync()
 
     def agclip_step():
         params, optimizer, _ = sides["agclip"]
         clip_grad_norm_(params, exact / 2, optimizer=optimizer)
         optimizer.step()
+        sync()
 
     def plain_step():
         sides["torch"][1].step()
+        sync()
 
     times = interleaved(
         {"torch": torch_step, "agclip": agclip_step, "step only": plain_step},
@@ -168,27 +175,20 @@ def fused_step_case(report: Report, repeats: int) -> None:
             "step only": restore("torch"),
         },
     )
-    report.table(
-        ["case", "torch clip + step ms", "agclip clip in step ms", "step alone ms", "ratio"],
-        [
-            [
-                "AdamW(fused=True)",
-                f"{times['torch'] * 1e3:.1f}",
-                f"{times['agclip'] * 1e3:.1f}",
-                f"{times['step only'] * 1e3:.1f}",
-                report.ratio(
-                    times["agclip"] / times["torch"],
-                    against="torch",
-                    device="cpu",
-                    shapes="GPT-2 small",
-                    case="clip + fused step",
-                ),
-            ]
-        ],
-        caption="Clip then a fused optimizer step, end to end: agclip hands the coefficient "
-        "to the step (`optimizer=`), torch scales the gradients first. The step alone is "
-        "the floor.",
-    )
+    return [
+        device,
+        "AdamW(fused=True)",
+        f"{times['torch'] * 1e3:.1f}",
+        f"{times['agclip'] * 1e3:.1f}",
+        f"{times['step only'] * 1e3:.1f}",
+        report.ratio(
+            times["agclip"] / times["torch"],
+            against="torch",
+            device=device,
+            shapes="GPT-2 small",
+            case="clip + fused step",
+        ),
+    ]
 
 
 def main() -> None:
@@ -217,7 +217,21 @@ def main() -> None:
         caption="memory floor: one read of every gradient (`sum`), plus one in-place scale "
         "(`mul_`) when clipping, timed in the same interleaved runs; no clip can beat it",
     )
-    fused_step_case(report, max(3, args.repeats // 2))
+    devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    report.table(
+        [
+            "device",
+            "case",
+            "torch clip + step ms",
+            "agclip clip in step ms",
+            "step alone ms",
+            "ratio",
+        ],
+        [fused_step_case(report, max(3, args.repeats // 2), device) for device in devices],
+        caption="Clip then a fused optimizer step, end to end: agclip hands the coefficient "
+        "to the step (`optimizer=`), torch scales the gradients first. The step alone is "
+        "the floor.",
+    )
     report.emit(args.json)
 
 

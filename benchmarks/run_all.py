@@ -65,6 +65,7 @@ TARGETS = [
     _t("torch", 1.00, device="cuda"),
     _t("jax", 1.05, case="both jitted"),
     _t("jax", 1.30, case="agclip eager vs optax jit"),
+    _t("jax", 1.05, case="clip + adamw"),
     _t("distributed", 1.00),  # never slower than torch or torchtitan, one collective
 ]
 

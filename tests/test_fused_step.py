@@ -166,3 +166,29 @@ def test_the_callback_hands_its_clip_to_a_fused_step() -> None:
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert callback.clipped_steps == 1
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_cuda_fused_step_matches_torch_without_a_host_sync() -> None:
+    torch.manual_seed(0)
+    ours = _model().cuda()
+    theirs = copy.deepcopy(ours)
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    x, y = torch.randn(16, 8, device="cuda"), torch.randn(16, 4, device="cuda")
+    for model in (ours, theirs):
+        (100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clip_grad_norm_(ours.parameters(), 1.0, optimizer=our_opt)
+        our_opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+    their_opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
