@@ -44,21 +44,26 @@ def test_rendered_tables_stand_after_a_blank_line() -> None:
     assert "| cpu | GPT-2 small | no clipping | **0.38x** |" in text
 
 
-def test_the_first_matching_target_applies_by_fields() -> None:
+def test_the_first_matching_target_applies_by_fields_and_peer() -> None:
     gpt2 = {"device": "cpu", "shapes": "GPT-2 small"}
-    assert run_all.target_for("torch", {**gpt2, "case": "clipping"}) == 0.70
-    assert run_all.target_for("torch", {**gpt2, "case": "no clipping"}) == 0.40
+    floor = "memory floor"
+    assert run_all.target_for("torch", {**gpt2, "case": "clipping"}, floor) == 1.10
+    assert run_all.target_for("torch", {**gpt2, "case": "no clipping"}, floor) == 1.10
+    assert run_all.target_for("torch", {**gpt2, "case": "clipping"}, "torch") is None  # reported
+    assert run_all.target_for("torch", {**gpt2, "case": "clip + fused step"}, "torch") == 0.90
     assert run_all.target_for("torch", {"device": "cpu", "shapes": "2000 x 1000"}) == 1.10
+    assert run_all.target_for("torch", {"device": "cuda", "case": "x"}, floor) is None
     assert run_all.target_for("jax", {"case": "agclip eager vs optax jit"}) == 1.30
     assert run_all.target_for("numpy", {"case": "something else"}) is None
 
 
 def test_verdicts_say_met_or_not_met() -> None:
-    lines = run_all.verdicts("torch", _torch_report().ratios)
+    report = _torch_report()
+    report.ratio(1.05, against="memory floor", device="cpu", shapes="GPT-2 small", case="clipping")
+    lines = run_all.verdicts("torch", report.ratios)
     assert lines == [
-        "- torch: cpu GPT-2 small clipping (vs torch): 0.99x against a target of <= 0.70x: "
-        "**not met**",
-        "- torch: cpu GPT-2 small no clipping (vs torch): 0.38x against a target of <= 0.40x: met",
         "- torch: cpu 2000 x 1000 clipping (vs torch): 1.20x against a target of <= 1.10x: "
         "**not met**",
+        "- torch: cpu GPT-2 small clipping (vs memory floor): 1.05x against a target of "
+        "<= 1.10x: met",
     ]
