@@ -90,16 +90,20 @@ class TorchKernels(Kernels):
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         rows_dtype = _work_dtype(group[0].dtype)
         large = [tensor for tensor in group if tensor.numel() > SMALL]
-        small = [tensor for tensor in group if tensor.numel() <= SMALL] if large else group
-        norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
+        small = [tensor for tensor in group if tensor.numel() <= SMALL] if large else list(group)
+        norms = []
         for tensor in large:
             flat = tensor.reshape(-1)
             rows = flat.numel() // BLOCK
-            body = flat[: rows * BLOCK].view(rows, BLOCK)
-            norms.append(torch.linalg.vector_norm(body, p, dim=1, dtype=rows_dtype))
-            if flat.numel() % BLOCK:
-                tail = flat[rows * BLOCK :]
-                norms.append(torch.linalg.vector_norm(tail, p, dtype=rows_dtype).reshape(1))
+            norms.append(
+                torch.linalg.vector_norm(
+                    flat[: rows * BLOCK].view(rows, BLOCK), p, dim=1, dtype=rows_dtype
+                )
+            )
+            if flat.numel() % BLOCK:  # the tail joins the small tensors' one foreach call
+                small.append(flat[rows * BLOCK :])
+        if small:
+            norms.append(torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype)))
         return torch.cat(norms).to(acc).pow(p).sum()
 
     def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
