@@ -118,7 +118,7 @@ def plot(rows: list[tuple[str, float]], path: Path) -> None:
     labels = [label for label, _ in rows]
     ax.barh(labels, [r for _, r in rows], color="tab:blue")
     ax.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
-    ax.set(xlabel="agclip time / peer time (lower is faster)")
+    ax.set(xlabel="agclip time / peer's (or the memory floor's) time: lower is faster")
     ax.invert_yaxis()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +153,7 @@ def main() -> None:
         print(f"[{index}/{len(chosen)}] {title} ...", file=sys.stderr, flush=True)
         data, seconds = run_benchmark(script)
         print(f"      done in {seconds:.0f} s", file=sys.stderr, flush=True)
-        plotted += [(f"{name}: {label(r)}", r["ratio"]) for r in data["ratios"]]
+        plotted += [(f"{name}: {label(r)} (vs {r['against']})", r["ratio"]) for r in data["ratios"]]
         checks = verdicts(name, data["ratios"])
         sections.append(
             f"## {title}\n\nCommand: `python benchmarks/{script}` ({seconds:.0f} s)\n\n"
