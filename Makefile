@@ -9,6 +9,9 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
+	# timm's AGC is a test reference; its package needs torchvision, which has no
+	# build for this CPU torch, so it comes without dependencies (the test loads agc.py).
+	$(BIN)/python -m pip install -q --no-deps timm==1.0.31
 	touch $(STAMP)
 
 setup: $(STAMP)

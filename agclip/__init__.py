@@ -6,6 +6,7 @@ users the interface their ecosystem expects. ``import agclip`` imports no
 framework.
 """
 
+from ._adaptive import adaptive_grad_clip
 from ._clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from ._finite import all_finite, nonfinite_paths, zero_nonfinite
 from ._typing import Array, ArrayTree, Scalar
@@ -17,6 +18,7 @@ __all__ = [
     "ArrayTree",
     "Scalar",
     "__version__",
+    "adaptive_grad_clip",
     "all_finite",
     "clip_by_global_norm",
     "clip_by_norm",

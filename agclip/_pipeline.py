@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._kernels import Batch, Kernels, quiet
+from ._kernels import Batch, Kernels, pow_abs, quiet
 
 
 @dataclass(frozen=True)
@@ -203,3 +203,44 @@ def zero_nonfinite_leaves(k: Kernels, leaves: list[Any]) -> list[Any]:
     """Each leaf with NaN and ±inf replaced by 0."""
     xp = k.xp
     return [xp.where(xp.isfinite(leaf), leaf, xp.zeros_like(leaf)) for leaf in leaves]
+
+
+def unit_norms(k: Kernels, x: Any, axes: tuple[int, ...], p: float) -> Any:
+    """The p-norm of each unit of ``x`` (reduced over ``axes``, dimensions kept)."""
+    xp = k.xp
+    if math.isinf(p):
+        return xp.max(xp.abs(x), axis=axes, keepdims=True)
+    return root(k, xp.sum(pow_abs(xp, x, p), axis=axes, keepdims=True), p)
+
+
+def clip_units_by_params(
+    k: Kernels,
+    grads: list[Any],
+    params: list[Any],
+    clipping: Any,
+    eps: Any,
+    *,
+    p: float,
+    axes: tuple[tuple[int, ...], ...],
+    skip: tuple[bool, ...],
+) -> list[Any]:
+    """Adaptive gradient clipping: every unit's gradient norm at most
+    ``clipping * max(its parameter norm, eps)``; ``skip``ped leaves pass unchanged.
+    Norms and the scale are computed in float32 (float64 for float64 leaves)."""
+    xp = k.xp
+    out = []
+    for grad, param, unit_axes, passed in zip(grads, params, axes, skip, strict=True):
+        if passed:
+            out.append(grad)
+            continue
+        work = xp.float64 if grad.dtype == xp.float64 else xp.float32
+        wide = xp.astype(grad, work)
+        g_norm = unit_norms(k, wide, unit_axes, p)
+        max_norm = clipping * xp.maximum(unit_norms(k, xp.astype(param, work), unit_axes, p), eps)
+        with quiet():
+            floor = xp.full_like(g_norm, 1e-6)
+            factor = xp.where(
+                g_norm > max_norm, max_norm / xp.maximum(g_norm, floor), xp.ones_like(g_norm)
+            )
+        out.append(xp.astype(wide * factor, grad.dtype))
+    return out

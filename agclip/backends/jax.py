@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from .._adaptive import adaptive_grad_clip as agc
+from .._adaptive import check_layout
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
 from .._dispatch import kernels_for
 from .._kernels import Batch, Kernels
@@ -56,6 +58,7 @@ __all__ = [
     "ApplyIfFiniteState",
     "ClipByGlobalNormState",
     "GradientTransformation",
+    "adaptive_grad_clip",
     "apply_if_finite",
     "clip_by_global_norm",
     "clip_by_norm",
@@ -379,5 +382,44 @@ def apply_if_finite(
             inner_state=jax.tree_util.tree_map(pick, inner_state, state.inner_state),
         )
         return new_updates, new_state
+
+    return _transformation(init, update)
+
+
+def adaptive_grad_clip(
+    clipping: Scalar,
+    eps: Scalar = 1e-3,
+    *,
+    layout: Any = "flax",
+    exclude: Any = (),
+) -> GradientTransformation:
+    """Adaptive gradient clipping (AGC) as an optax transform; needs ``params`` in ``update``.
+
+    Each unit's update is scaled so that its norm is at most ``clipping *
+    max(norm of the unit's parameters, eps)``. The default ``layout="flax"``
+    (output axis last) gives ``optax.adaptive_grad_clip``'s results on Flax
+    parameters; ``layout="torch"`` (output axis first) gives timm's on
+    PyTorch-layout weights, which the Flax rule would cut across. ``exclude``
+    skips leaves by key path (fnmatch patterns such as ``"*head*"``, or a
+    predicate). Stateless, jit-friendly, usable under ``inject_hyperparams``
+    (``clipping`` and ``eps`` are injectable).
+
+    References:
+        Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
+        Recognition Without Normalization", ICML 2021.
+    """
+    clipping = check_threshold("clipping", clipping, jnp)
+    eps = check_eps(eps)
+    layout = check_layout(layout)
+
+    def init(params: Any) -> Any:
+        del params
+        return _empty_state()
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        if params is None:
+            raise ValueError("adaptive_grad_clip needs params: call update(updates, state, params)")
+        clipped = agc(updates, params, clipping, layout=layout, eps=eps, exclude=exclude)
+        return clipped, state
 
     return _transformation(init, update)

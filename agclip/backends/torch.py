@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._adaptive import adaptive_grad_clip, excluded
 from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
 from .._typing import Scalar
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
@@ -53,6 +54,7 @@ from ._torch_grads import (
 __all__ = [
     "GradientClipCallback",
     "NonFiniteGradientWarning",
+    "adaptive_clip_grad_",
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_value_",
@@ -206,3 +208,59 @@ def clip_grad_value_(
     k = kernels(foreach)
     grads, _ = collect_grads(k, as_list(parameters))
     k.clip_values_(grads, clip_value)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(
+    parameters: TensorOrTensors,
+    clip_factor: Scalar = 0.01,
+    eps: float = 1e-3,
+    norm_type: float | str = 2.0,
+    *,
+    exclude: Any = (),
+) -> None:
+    """Adaptive gradient clipping in place, timm's signature and results.
+
+    Each output unit's gradient (the slice along the first axis of a weight:
+    ``nn.Linear`` and ``nn.ConvNd`` layout) is scaled so that its norm is at most
+    ``clip_factor * max(norm of the unit's weights, eps)``; biases and other
+    vectors are one unit. Every new gradient is computed before the first write.
+
+    Args:
+        parameters: a Tensor or an iterable of Tensors (``model.named_parameters()``
+            too: then ``exclude`` matches the names).
+        clip_factor: the largest gradient-to-parameter norm ratio.
+        eps: the smallest parameter norm used (zero-initialised weights).
+        norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
+        exclude: with named parameters, fnmatch patterns on the names (or a
+            predicate) to leave alone, e.g. ``"head.*"`` for the classifier;
+            never by position.
+
+    References:
+        Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
+        Recognition Without Normalization", ICML 2021.
+    """
+    given = as_list(parameters)
+    named = bool(given) and all(isinstance(item, tuple) for item in given)
+    names = [name for name, _ in given] if named else [str(i) for i in range(len(given))]
+    params = [param for _, param in given] if named else given
+    for index, param in enumerate(params):
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
+    keep = [i for i, param in enumerate(params) if param.grad is not None]
+    grads = {names[i]: params[i].grad for i in keep}
+    weights = {names[i]: params[i].detach() for i in keep}
+    if not grads:
+        return
+    skip = excluded(exclude) if named else (lambda path: False)
+    new = adaptive_grad_clip(
+        grads,
+        weights,
+        clip_factor,
+        layout="torch",
+        eps=eps,
+        ord=norm_type_arg(norm_type),
+        exclude=lambda path: skip(path[2:-2]),  # paths read ['name']
+    )
+    for i in keep:
+        params[i].grad.copy_(new[names[i]])
