@@ -101,9 +101,16 @@ def clipped_error(
 
 
 def run_clip(
-    params: Sequence[torch.Tensor], grads: list[torch.Tensor], p: float = 2.0, **kw: Any
+    params: Sequence[torch.Tensor],
+    grads: list[torch.Tensor],
+    p: float = 2.0,
+    everyone: list[torch.Tensor] | None = None,
+    **kw: Any,
 ) -> dict[str, Any]:
-    ref = reference([g.to(params[0].dtype).double() for g in grads], p)
+    """Clip this rank's ``params`` (full gradients ``grads``) and compare with the
+    reference over ``everyone``'s gradients (default: these)."""
+    dtype = params[0].dtype if params else torch.float32
+    ref = reference([g.to(dtype).double() for g in (everyone or grads)], p)
     max_norm = ref / 2
     norm, comms = counted(lambda: clip_grad_norm_(params, max_norm, norm_type=p, **kw))
     return {
@@ -111,7 +118,7 @@ def run_clip(
         "plain": type(norm) is torch.Tensor,
         "ref": ref,
         "comms": comms,
-        "clipped_err": clipped_error(params, grads, ref, max_norm),
+        "clipped_err": clipped_error(params, grads, ref, max_norm) if params else 0.0,
     }
 
 
@@ -208,17 +215,8 @@ def pipeline(empty_rank: bool = False) -> dict[str, Any]:
     )
     mine = [p for p, o in zip(params, owner, strict=True) if o == rank]
     my_grads = [g for g, o in zip(grads, owner, strict=True) if o == rank]
-    ref = reference(grads, 2.0)
-    max_norm = ref / 2
-    norm, comms = counted(lambda: clip_grad_norm_(mine, max_norm, process_group=dist.group.WORLD))
-    return {
-        "norm": float(norm),
-        "plain": type(norm) is torch.Tensor,
-        "ref": ref,
-        "comms": comms,
-        "clipped_err": clipped_error(mine, my_grads, ref, max_norm) if mine else 0.0,
-        "owned": len(mine),
-    }
+    result = run_clip(mine, my_grads, everyone=grads, process_group=dist.group.WORLD)
+    return {**result, "owned": len(mine)}
 
 
 def fsdp1() -> dict[str, Any]:
@@ -280,16 +278,7 @@ def pp_fsdp2() -> dict[str, Any]:
     params = [p for layer in layers for p in layer.parameters()]
     grads = [all_grads[i] for i in owned]
     give_grads(params, grads)
-    ref = reference(all_grads, 2.0)
-    max_norm = ref / 2
-    norm, comms = counted(lambda: clip_grad_norm_(params, max_norm))
-    return {
-        "norm": float(norm),
-        "plain": type(norm) is torch.Tensor,
-        "ref": ref,
-        "comms": comms,
-        "clipped_err": clipped_error(params, grads, ref, max_norm),
-    }
+    return run_clip(params, grads, everyone=all_grads)
 
 
 def nan_on_one_rank() -> dict[str, Any]:
