@@ -236,7 +236,8 @@ def clip_units_by_params(
         work = xp.float64 if grad.dtype == xp.float64 else xp.float32
         wide = xp.astype(grad, work)
         g_norm = unit_norms(k, wide, unit_axes, p)
-        max_norm = clipping * xp.maximum(unit_norms(k, xp.astype(param, work), unit_axes, p), eps)
+        p_norm = unit_norms(k, xp.astype(param, work), unit_axes, p)
+        max_norm = clipping * xp.maximum(p_norm, xp.full_like(p_norm, eps))
         with quiet():
             floor = xp.full_like(g_norm, 1e-6)
             factor = xp.where(

@@ -112,9 +112,9 @@ def test_torch_matches_timm(norm_type: float) -> None:
 
 
 def test_torch_excludes_by_name_not_by_position() -> None:
+    model = _conv_net()
     from agclip.backends.torch import adaptive_clip_grad_
 
-    model = _conv_net()
     before = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     adaptive_clip_grad_(model.named_parameters(), 0.01, exclude="3.*")  # the Linear head
     after = {name: p.grad for name, p in model.named_parameters()}
