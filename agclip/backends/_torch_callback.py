@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 from typing import Any
 
 import torch
@@ -12,7 +11,7 @@ from .._kernels import Batch
 from .._pipeline import clip_by_total_norm
 from .._typing import Scalar
 from ._torch_distributed import distributed_batch
-from ._torch_fused import fuses_gradient_scaling, hand_to_step
+from ._torch_fused import hand_over_to
 from ._torch_grads import (
     EPS,
     Labels,
@@ -141,8 +140,6 @@ class GradientClipCallback:
             if self.warn_nonfinite and self._should_check(norm):
                 self._warn_if_nonfinite(grads, labels)
 
-        fused = self.optimizer is not None and bool(grads)
-        fused = fused and fuses_gradient_scaling(self.optimizer)
         _, norm = clip_by_total_norm(
             k,
             grads,
@@ -152,7 +149,7 @@ class GradientClipCallback:
             in_place=True,
             reduce=reduce,
             check=observe,
-            hand_over=partial(hand_to_step, self.optimizer, grads) if fused else None,
+            hand_over=hand_over_to(self.optimizer, grads),
         )
         self.last_norm = result_norm(k, norm, grads)
         return self.last_norm

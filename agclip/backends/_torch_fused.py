@@ -15,7 +15,9 @@ were clipped (``zero_grad()`` then a new backward) drops it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,6 +51,14 @@ class _Pending:
 
 _pending: weakref.WeakKeyDictionary[Any, _Pending] = weakref.WeakKeyDictionary()
 _hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def hand_over_to(optimizer: Any, batch: Batch) -> Callable[[Any, Any], None] | None:
+    """The pipeline's ``hand_over`` for ``optimizer``: ``None`` (scale the gradients
+    here) unless it is a fused optimizer and there are gradients to clip."""
+    if optimizer is None or not batch or not fuses_gradient_scaling(optimizer):
+        return None
+    return partial(hand_to_step, optimizer, batch)
 
 
 def hand_to_step(optimizer: Any, batch: Batch, factor: torch.Tensor, norm: torch.Tensor) -> None:

@@ -23,7 +23,6 @@ Examples:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
 from .._typing import Scalar
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
 from ._torch_distributed import distributed_batch
-from ._torch_fused import amp_scale, fuses_gradient_scaling, hand_to_step
+from ._torch_fused import amp_scale, hand_over_to
 from ._torch_grads import (
     EPS,
     Labels,
@@ -123,7 +122,6 @@ def clip_grad_norm_(
         return empty_norm()
     batch, reduce = distributed_batch(k, grads, process_group)
     check = raise_if_nonfinite(k, batch, labels) if error_if_nonfinite else None
-    fused = optimizer is not None and batch and fuses_gradient_scaling(optimizer)
     _, norm = clip_by_total_norm(
         k,
         batch,
@@ -133,7 +131,7 @@ def clip_grad_norm_(
         in_place=True,
         reduce=reduce,
         check=check,
-        hand_over=partial(hand_to_step, optimizer, batch) if fused else None,
+        hand_over=hand_over_to(optimizer, batch),
         norm_divisor=amp_scale(scaler, optimizer) if scaler is not None else None,
     )
     return result_norm(k, norm, batch)
