@@ -27,23 +27,19 @@ Examples:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from .._adaptive import adaptive_grad_clip as agc
 from .._adaptive import check_layout
 from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
 from .._dispatch import kernels_for
-from .._kernels import Batch, Kernels
+from .._kernels import Kernels
 from .._pipeline import (
-    LOCAL,
     Reduction,
     clip_each_leaf,
     clip_leaves_by_global_norm,
@@ -53,6 +49,7 @@ from .._pipeline import (
 )
 from .._tree import flatten
 from .._typing import Array, ArrayTree, Scalar
+from ._jax_axes import reduction_for
 
 __all__ = [
     "ApplyIfFiniteState",
@@ -129,72 +126,6 @@ def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
     return _kernels().run(fn, flat.leaves, *args, **static), flat
 
 
-@dataclass(frozen=True)
-class AxisReduction(Reduction):
-    """Partial sums and maxima combined over the devices of named axes
-    (``shard_map`` / ``pmap``): the pipeline's reduction parameter.
-
-    ``replicated``, per leaf, names the axes over which that leaf is *not*
-    partitioned (its devices hold copies): its sum of powers counts for
-    ``1 / copies``, so the psum counts it once. ``None``: every leaf is
-    partitioned over every axis.
-    """
-
-    axis_name: Any
-    replicated: tuple[tuple[Any, ...], ...] | None = None
-
-    def prepare(self, k: Kernels, leaves: Sequence[Any]) -> Batch:
-        if self.replicated is None:
-            return k.prepare(leaves)
-        copies = [math.prod(_axis_size(name) for name in names) for names in self.replicated]
-        return Batch(list(leaves), [[leaf] for leaf in leaves], [1.0 / c for c in copies])
-
-    def sum(self, x: Any) -> Any:
-        return jax.lax.psum(x, self.axis_name)
-
-    def max(self, x: Any) -> Any:
-        return jax.lax.pmax(x, self.axis_name)
-
-
-def _axis_size(name: Any) -> int:
-    """The number of devices along a named axis (``lax.axis_size``, or a psum of 1 on
-    JAX versions without it: a static number either way)."""
-    if hasattr(jax.lax, "axis_size"):
-        return int(jax.lax.axis_size(name))
-    return int(jax.lax.psum(1, name))
-
-
-def _reduction(axis_name: Any, specs: Any, updates: Any) -> Reduction:
-    """How the norm of ``updates`` is reduced across devices (see ``AxisReduction``)."""
-    if axis_name is None:
-        return LOCAL
-    if specs is None:
-        return AxisReduction(axis_name)
-    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    structure: Any = jax.tree_util.tree_structure(updates)  # PyTreeDef: untyped methods
-    if isinstance(specs, PartitionSpec):
-        per_leaf = [specs] * structure.num_leaves
-    else:
-        try:
-            per_leaf = structure.flatten_up_to(specs)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"specs must have the structure of the updates: {error}") from None
-    return AxisReduction(
-        axis_name, tuple(tuple(a for a in axes if a not in _axes_of(s)) for s in per_leaf)
-    )
-
-
-def _axes_of(spec: Any) -> set[Any]:
-    """The mesh axes a PartitionSpec partitions over (None: a replicated leaf)."""
-    used: set[Any] = set()
-    for entry in () if spec is None else tuple(spec):
-        if isinstance(entry, tuple):
-            used.update(entry)
-        elif entry is not None:
-            used.add(entry)
-    return used
-
-
 def _clip_keeping_norm(
     k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction
 ) -> tuple[list[Any], Any]:
@@ -247,7 +178,7 @@ def clip_by_global_norm(
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
-        reduce = _reduction(axis_name, specs, updates)
+        reduce = reduction_for(axis_name, specs, updates)
         out, flat = _apply(updates, _clip_keeping_norm, max_norm, eps, p=p, reduce=reduce)
         if out is None:
             return updates, ClipByGlobalNormState(norm=jnp.zeros((), jnp.float32))
