@@ -78,13 +78,23 @@ def _finite_non_negative(name: str, number: float, given: Any) -> float:
     return number
 
 
+def _is_0d_array(value: Any) -> bool:
+    return getattr(value, "shape", None) == () and not isinstance(value, str)
+
+
+def _host_number(value: Any) -> float | None:
+    """A number, or the value of a 0-d array that lives on the host; ``None`` for
+    anything else (device arrays and tracers included)."""
+    if is_concrete_number(value):
+        return float(value)
+    return host_value(value) if _is_0d_array(value) else None
+
+
 def check_eps(value: Any) -> Any:
     """Validate ``eps``: a finite number >= 0 (host values checked, tracers passed)."""
-    number = value if is_concrete_number(value) else None
-    if number is None and getattr(value, "shape", None) == () and not isinstance(value, str):
-        number = host_value(value)
-        if number is None:
-            return value  # a traced or device 0-d array (optax.inject_hyperparams)
+    number = _host_number(value)
+    if number is None and _is_0d_array(value):
+        return value  # a traced or device 0-d array (optax.inject_hyperparams)
     if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
     return float(number)
@@ -96,9 +106,7 @@ def check_ord(value: Any, name: str = "ord") -> float:
     The order picks the code path, so it must be known on the host: a number
     or a 0-d host array.
     """
-    number = value if is_concrete_number(value) else None
-    if number is None and getattr(value, "shape", None) == () and not isinstance(value, str):
-        number = host_value(value)
+    number = _host_number(value)
     if number is None:
         raise ValueError(f"{name} must be a number > 0 (1, 2, inf or any p > 0), got {value!r}")
     p = float(number)

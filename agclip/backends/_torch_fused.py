@@ -89,18 +89,15 @@ def _drop_if_stale(optimizer: Any, args: Any, kwargs: Any) -> None:
         None,
     )
     if first is not pending.first_grad():  # new gradients since the clip
-        _forget(optimizer)
+        del _pending[optimizer]
+        _remove_scale(optimizer)
 
 
 def _consumed(optimizer: Any, args: Any, kwargs: Any) -> None:
-    pending = _pending.get(optimizer)
+    pending = _pending.pop(optimizer, None)
     if pending is not None and _ours(optimizer, pending):
-        _forget(optimizer)  # (a GradScaler replaced them otherwise, and deletes them itself)
-    _pending.pop(optimizer, None)
+        _remove_scale(optimizer)  # (a GradScaler replaced them otherwise, and deletes them itself)
 
 
-def _forget(optimizer: Any) -> None:
-    for name in ("grad_scale", "found_inf"):
-        if hasattr(optimizer, name):
-            delattr(optimizer, name)
-    _pending.pop(optimizer, None)
+def _remove_scale(optimizer: Any) -> None:
+    del optimizer.grad_scale, optimizer.found_inf
