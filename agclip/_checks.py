@@ -100,6 +100,45 @@ def check_eps(value: Any) -> Any:
     return float(number)
 
 
+def check_range(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """Validate a hyperparameter in ``[low, high]`` (ends open as asked). Host values
+    are checked and returned as a float; device arrays and tracers pass unread."""
+    number = _host_number(value)
+    if number is None and _is_0d_array(value) and not str(value.dtype).endswith("bool"):
+        return value  # a traced or device 0-d array (optax.inject_hyperparams)
+    inside = (
+        number is not None
+        and (low < number if open_low else low <= number)
+        and (number < high if open_high else number <= high)
+    )
+    if not inside:
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(number)  # type: ignore[arg-type]
+
+
+def check_count(name: str, value: Any, low: int = 0) -> Any:
+    """Validate an int >= ``low``. A 0-d integer array is checked when it lives on the
+    host; a device array (a tracer under ``inject_hyperparams``) passes unread."""
+    kind = str(getattr(value, "dtype", ""))
+    if _is_0d_array(value) and "int" in kind:
+        number = host_value(value)
+        if number is None:
+            return value
+        value = int(number)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
 def check_ord(value: Any, name: str = "ord") -> float:
     """Validate a norm order: 1, 2, inf or any finite p > 0. Returns a float.
 

@@ -19,6 +19,7 @@ The contract, in one place:
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
 ``select``             value if keep else fallback() (the guard's branch)
+``on_device_of``       an array moved to another array's device
 ``run``                run the array work of one call (JAX: compiled, cached)
 ``scale`` / ``scale_``  multiply every leaf by a 0-d factor (new arrays / in place)
 ``clip_values`` / ``clip_values_``  clip every element into [-v, v]
@@ -209,7 +210,7 @@ class Kernels:
     def _scaled(self, leaf: Any, factor: Any) -> Any:
         xp = self.xp
         work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
-        factor = xp.astype(self._on_device_of(factor, leaf), work)
+        factor = xp.astype(self.on_device_of(factor, leaf), work)
         if leaf.dtype == work:
             return leaf * factor
         return xp.astype(xp.astype(leaf, work) * factor, leaf.dtype)
@@ -220,7 +221,8 @@ class Kernels:
             for leaf in batch.leaves:
                 leaf[...] = self._scaled(leaf, factor)
 
-    def _on_device_of(self, value: Any, like: Any) -> Any:
+    def on_device_of(self, value: Any, like: Any) -> Any:
+        """``value`` (an array) moved to ``like``'s device when it is elsewhere."""
         device = compat.device(like)
         return value if compat.device(value) == device else compat.to_device(value, device)
 

@@ -117,16 +117,20 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
         return xp.minimum(xp.ones_like(norm), max_norm / xp.maximum(norm + eps, floor))
 
 
+def apply_factor(k: Kernels, batch: Batch, factor: Any, *, in_place: bool) -> list[Any]:
+    """The batch times ``factor``: new leaves, or the batch's own leaves scaled in place."""
+    if in_place:
+        k.scale_(batch, factor)
+        return batch.leaves
+    return k.scale(batch, factor)
+
+
 def scale_by_norm(
     k: Kernels, batch: Batch, norm: Any, max_norm: Any, eps: Any, *, in_place: bool
 ) -> list[Any]:
     """Scale the batch by the coefficient for ``norm``: new leaves, or the batch's
     own leaves scaled in place."""
-    factor = clip_coefficient(k, norm, max_norm, eps)
-    if in_place:
-        k.scale_(batch, factor)
-        return batch.leaves
-    return k.scale(batch, factor)
+    return apply_factor(k, batch, clip_coefficient(k, norm, max_norm, eps), in_place=in_place)
 
 
 def clip_by_total_norm(
@@ -157,10 +161,97 @@ def clip_by_total_norm(
         norm = norm / norm_divisor
     if check is not None:
         check(norm)
+    return _finish(k, batch, clip_coefficient(k, norm, max_norm, eps), norm, in_place, hand_over)
+
+
+def _finish(
+    k: Kernels,
+    batch: Batch,
+    factor: Any,
+    norm: Any,
+    in_place: bool,
+    hand_over: Callable[[Any, Any], None] | None,
+) -> tuple[list[Any], Any]:
     if hand_over is not None:
-        hand_over(clip_coefficient(k, norm, max_norm, eps), norm)
+        hand_over(factor, norm)
         return batch.leaves, norm
-    return scale_by_norm(k, batch, norm, max_norm, eps, in_place=in_place), norm
+    return apply_factor(k, batch, factor, in_place=in_place), norm
+
+
+def clip_by_rule(
+    k: Kernels,
+    batch: Batch,
+    rule: Callable[[Any, Any], tuple[Any, Any]],
+    state: Any,
+    eps: Any,
+    *,
+    p: float,
+    in_place: bool = False,
+    reduce: Reduction = LOCAL,
+    check: Callable[[Any], None] | None = None,
+    hand_over: Callable[[Any, Any], None] | None = None,
+) -> tuple[list[Any], Any, Any]:
+    """The pipeline with an adaptive threshold: total norm -> ``check(norm)`` ->
+    ``rule(norm, state)`` gives the threshold and the new state -> coefficient -> scale.
+
+    A non-finite norm gets coefficient 1: the leaves pass unchanged (scaling
+    them could only turn inf into NaN), and a hand-over's step is skipped.
+    Returns the leaves, the pre-clip norm (accumulator dtype) and the new state.
+    """
+    xp = k.xp
+    norm = total_norm(k, batch, p, reduce)
+    if check is not None:
+        check(norm)
+    max_norm, state = rule(norm, state)
+    factor = clip_coefficient(k, norm, xp.astype(max_norm, norm.dtype), eps)
+    factor = xp.where(xp.isfinite(norm), factor, xp.ones_like(factor))
+    leaves, norm = _finish(k, batch, factor, norm, in_place, hand_over)
+    return leaves, norm, state
+
+
+def clip_by_tensor_rule(
+    k: Kernels,
+    units: Sequence[tuple[Batch, Reduction]],
+    rule: Callable[[Any, Any, Any], tuple[Any, Any, Callable[[Any], Any]]],
+    state: Any,
+    eps: Any,
+    *,
+    p: float,
+    in_place: bool = False,
+    check: Callable[[Any], None] | None = None,
+) -> tuple[list[Any], Any]:
+    """Per-tensor adaptive clipping: each unit's norm (a tensor, with the reduction
+    that makes it global) and their total -> ``check(total)`` -> ``rule(norms,
+    total, state)`` gives a threshold for the total, one per unit, and the state
+    update -> each unit scaled by the product of its two coefficients (1 when
+    the total is not finite). Returns the leaves and the new state."""
+    xp = k.xp
+    norms = k.stack([total_norm(k, batch, p, reduce) for batch, reduce in units])
+    total = norm_of_norms(k, norms, p)
+    if check is not None:
+        check(total)
+    for_total, for_each, update = rule(norms, total, state)
+    factors = clip_coefficient(k, total, xp.astype(for_total, total.dtype), eps)
+    factors = factors * clip_coefficient(k, norms, xp.astype(for_each, norms.dtype), eps)
+    factors = xp.where(xp.isfinite(total), factors, xp.ones_like(factors))
+    leaves = []
+    for index, (batch, _) in enumerate(units):
+        leaves += apply_factor(k, batch, factors[index], in_place=in_place)
+    return leaves, update(factors)
+
+
+def norm_of_norms(k: Kernels, norms: Any, p: float) -> Any:
+    """The p-norm of a vector of p-norms (the norm of all their elements), computed
+    on the norms divided by the largest, so that no power overflows."""
+    xp = k.xp
+    peak = xp.max(norms)
+    if math.isinf(p):
+        return peak
+    usable = xp.isfinite(peak) & (peak > 0)
+    divisor = xp.where(usable, peak, xp.ones_like(peak))
+    with quiet():
+        scaled = divisor * root(k, xp.sum(pow_abs(xp, norms / divisor, p)), p)
+    return xp.where(usable, scaled, peak)
 
 
 # -- the array work of the public functions (run through ``Kernels.run``) ------

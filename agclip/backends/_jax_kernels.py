@@ -36,7 +36,7 @@ class JaxKernels(Kernels):
     def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
         return jax.lax.cond(keep, lambda: value, fallback)
 
-    def _on_device_of(self, value: Any, like: Any) -> Any:
+    def on_device_of(self, value: Any, like: Any) -> Any:
         return value  # XLA places scalars; tracers have no device to ask
 
 

@@ -24,6 +24,7 @@ from ._torch_grads import (
     result_norm,
     threshold,
 )
+from ._torch_rules import AdaptiveRule
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
@@ -48,7 +49,10 @@ class GradientClipCallback:
     accumulate on the device; reading them syncs, stepping does not.
 
     Args:
-        max_norm: the largest total gradient norm allowed.
+        max_norm: the largest total gradient norm allowed, or an adaptive rule
+            (``ZClip()``, ``AutoClip()``, ``AdaGC()``) that sets the threshold
+            each step; the callback's ``process_group`` and ``optimizer`` then
+            apply, and ``clipped_steps`` counts the steps the rule clipped.
         norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
         error_if_nonfinite: raise instead of warning on NaN/inf gradients.
         warn_nonfinite: warn on NaN/inf gradients (set False under a
@@ -78,7 +82,7 @@ class GradientClipCallback:
 
     def __init__(
         self,
-        max_norm: Scalar = 5.0,
+        max_norm: Scalar | AdaptiveRule = 5.0,
         norm_type: float | str = 2.0,
         error_if_nonfinite: bool = False,
         *,
@@ -88,7 +92,9 @@ class GradientClipCallback:
         process_group: Any = None,
         optimizer: Any = None,
     ):
-        self.max_norm = threshold("max_norm", max_norm)
+        self.max_norm = (
+            max_norm if isinstance(max_norm, AdaptiveRule) else threshold("max_norm", max_norm)
+        )
         self.norm_type = norm_type_arg(norm_type)
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
@@ -104,6 +110,7 @@ class GradientClipCallback:
         self._clipped: Any = 0
         self._nonfinite: Any = False
         self.last_norm: torch.Tensor | None = None
+        self.last_clipped: torch.Tensor | None = None  # whether the last step clipped
 
     def set_model(self, model: torch.nn.Module) -> None:
         """Clip this model's parameters (named as in ``model.named_parameters()``)."""
@@ -126,32 +133,41 @@ class GradientClipCallback:
         grads, labels = collect_grads(k, self._params, self._names)
         if not grads and self.process_group is None:
             self.steps += 1
-            self.last_norm = empty_norm()
+            self.last_norm, self.last_clipped = empty_norm(), torch.tensor(False)
             return self.last_norm
-        grads, reduce = distributed_batch(k, grads, self.process_group)
-        refuse = raise_if_nonfinite(k, grads, labels) if self.error_if_nonfinite else None
+        # Messages read the local shards: every rank can do that on its own.
+        local, reduce = distributed_batch(k, grads, self.process_group)
+        refuse = raise_if_nonfinite(k, local, labels) if self.error_if_nonfinite else None
 
         def observe(norm: torch.Tensor) -> None:  # between the norm and the first write
             if refuse is not None:
                 refuse(norm)
             self.steps += 1
-            self._clipped = self._clipped + (norm > self.max_norm)
             self._nonfinite = self._nonfinite | ~torch.isfinite(norm)
             if self.warn_nonfinite and self._should_check(norm):
-                self._warn_if_nonfinite(grads, labels)
+                self._warn_if_nonfinite(local, labels)
 
-        _, norm = clip_by_total_norm(
-            k,
-            grads,
-            self.max_norm,
-            EPS,
-            p=self.norm_type,
-            in_place=True,
-            reduce=reduce,
-            check=observe,
-            hand_over=hand_over_to(self.optimizer, grads),
-        )
-        self.last_norm = result_norm(k, norm, grads)
+        if isinstance(self.max_norm, AdaptiveRule):
+            norm, clipped = self.max_norm.clip_batch(
+                k, grads, self.process_group, check=observe, optimizer=self.optimizer
+            )
+        else:
+            _, norm = clip_by_total_norm(
+                k,
+                local,
+                self.max_norm,
+                EPS,
+                p=self.norm_type,
+                in_place=True,
+                reduce=reduce,
+                check=observe,
+                hand_over=hand_over_to(self.optimizer, local),
+            )
+            clipped = norm > self.max_norm
+            norm = result_norm(k, norm, local)
+        self.last_clipped = clipped
+        self._clipped = self._clipped + clipped
+        self.last_norm = norm
         return self.last_norm
 
     def _should_check(self, norm: torch.Tensor) -> bool:

@@ -27,16 +27,14 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .._adaptive import adaptive_grad_clip as agc
 from .._adaptive import check_layout
-from .._checks import check_eps, check_ord, check_threshold, leaf_namespace
+from .._checks import check_count, check_eps, check_threshold, leaf_namespace
 from .._dispatch import kernels_for
 from .._kernels import Kernels
 from .._pipeline import (
@@ -48,33 +46,32 @@ from .._pipeline import (
     zero_nonfinite_leaves,
 )
 from .._tree import flatten
-from .._typing import Array, ArrayTree, Scalar
+from .._typing import Array, Scalar
+from ._jax_adaptive import adagc, autoclip, zclip
 from ._jax_axes import reduction_for
+from ._jax_transform import (
+    EmptyState,
+    GradientTransformation,
+    empty_state,
+    order,
+    transformation,
+)
 
 __all__ = [
     "ApplyIfFiniteState",
     "ClipByGlobalNormState",
+    "EmptyState",
     "GradientTransformation",
+    "adagc",
     "adaptive_grad_clip",
     "apply_if_finite",
+    "autoclip",
     "clip_by_global_norm",
     "clip_by_norm",
     "clip_by_value",
+    "zclip",
     "zero_nonfinite",
 ]
-
-
-class GradientTransformation(NamedTuple):
-    """optax's ``(init, update)`` pair. The factories return
-    ``optax.GradientTransformation`` itself (the same two fields) when optax is
-    installed, and this NamedTuple otherwise."""
-
-    init: Callable[[ArrayTree], Any]
-    update: Callable[..., tuple[ArrayTree, Any]]
-
-
-class EmptyState(NamedTuple):
-    """State of the stateless transforms (optax.EmptyState when optax is installed)."""
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -89,32 +86,8 @@ class ApplyIfFiniteState(NamedTuple):
     inner_state: Any
 
 
-def _transformation(
-    init: Callable[[ArrayTree], Any], update: Callable[..., tuple[ArrayTree, Any]]
-) -> GradientTransformation:
-    try:
-        import optax
-    except ImportError:
-        return GradientTransformation(init, update)
-    return cast(GradientTransformation, optax.GradientTransformation(init, update))
-
-
-def _empty_state() -> Any:
-    try:
-        import optax
-    except ImportError:
-        return EmptyState()
-    return optax.EmptyState()
-
-
 def _kernels() -> Kernels:
     return kernels_for(jnp)
-
-
-def _order(ord: Any) -> float:
-    """The norm order; ``None`` is 2. (A ``None`` default, unlike a number, is left
-    static by ``optax.inject_hyperparams``.)"""
-    return 2.0 if ord is None else check_ord(ord)
 
 
 def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
@@ -168,7 +141,7 @@ def clip_by_global_norm(
         neural networks", ICML 2013.
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
-    p, eps = _order(ord), check_eps(eps)
+    p, eps = order(ord), check_eps(eps)
     if specs is not None and axis_name is None:
         raise ValueError("specs describe a shard_map layout: pass axis_name with them")
 
@@ -185,20 +158,20 @@ def clip_by_global_norm(
         clipped, norm = out
         return flat.unflatten(clipped), ClipByGlobalNormState(norm=norm)
 
-    return _transformation(init, update)
+    return transformation(init, update)
 
 
 def _stateless(fn: Any, *args: Any, **static: Any) -> GradientTransformation:
     def init(params: Any) -> Any:
         del params
-        return _empty_state()
+        return empty_state()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
         out, flat = _apply(updates, fn, *args, **static)
         return (updates if out is None else flat.unflatten(out)), state
 
-    return _transformation(init, update)
+    return transformation(init, update)
 
 
 def clip_by_norm(
@@ -217,7 +190,7 @@ def clip_by_norm(
         Pascanu, Mikolov and Bengio, ICML 2013 (norm clipping applied per tensor).
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
-    return _stateless(clip_each_leaf, max_norm, check_eps(eps), p=_order(ord))
+    return _stateless(clip_each_leaf, max_norm, check_eps(eps), p=order(ord))
 
 
 def clip_by_value(clip_value: Scalar) -> GradientTransformation:
@@ -253,19 +226,6 @@ def zero_nonfinite() -> GradientTransformation:
     return _stateless(zero_nonfinite_leaves)
 
 
-def _check_count(name: str, value: Any) -> None:
-    """An int >= 0. A 0-d integer array is checked when it lives on the host; a JAX
-    array (a tracer under ``inject_hyperparams``) passes unread, like thresholds."""
-    if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.integer):
-        return
-    if getattr(value, "shape", None) == () and np.issubdtype(
-        getattr(value, "dtype", None), np.integer
-    ):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-
-
 def apply_if_finite(
     inner: GradientTransformation, max_consecutive_errors: int | Array
 ) -> GradientTransformation:
@@ -284,7 +244,7 @@ def apply_if_finite(
         Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping
         steps with non-finite gradients).
     """
-    _check_count("max_consecutive_errors", max_consecutive_errors)
+    check_count("max_consecutive_errors", max_consecutive_errors)
 
     def init(params: Any) -> ApplyIfFiniteState:
         return ApplyIfFiniteState(
@@ -314,7 +274,7 @@ def apply_if_finite(
         )
         return new_updates, new_state
 
-    return _transformation(init, update)
+    return transformation(init, update)
 
 
 def adaptive_grad_clip(
@@ -345,7 +305,7 @@ def adaptive_grad_clip(
 
     def init(params: Any) -> Any:
         del params
-        return _empty_state()
+        return empty_state()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
@@ -353,4 +313,4 @@ def adaptive_grad_clip(
         clipped = agc(updates, params, clipping, layout=layout, eps=eps, exclude=exclude)
         return clipped, state
 
-    return _transformation(init, update)
+    return transformation(init, update)

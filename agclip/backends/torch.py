@@ -49,10 +49,15 @@ from ._torch_grads import (
     result_norm,
     threshold,
 )
+from ._torch_rules import AdaGC, AdaptiveRule, AutoClip, ZClip
 
 __all__ = [
+    "AdaGC",
+    "AdaptiveRule",
+    "AutoClip",
     "GradientClipCallback",
     "NonFiniteGradientWarning",
+    "ZClip",
     "adaptive_clip_grad_",
     "clip_grad_norm",
     "clip_grad_norm_",

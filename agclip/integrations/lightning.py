@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .._typing import Scalar
-from ..backends.torch import GradientClipCallback
+from ..backends.torch import AdaptiveRule, GradientClipCallback
 
 __all__ = ["GradientClipping"]
 
@@ -38,7 +38,8 @@ class GradientClipping(Callback):
     ``optimizer.step()``; every parameter of the module is clipped.
 
     Args:
-        max_norm: the largest total gradient norm allowed.
+        max_norm: the largest total gradient norm allowed, or an adaptive rule
+            (``ZClip()``, ``AutoClip()``, ``AdaGC()`` from ``agclip.backends.torch``).
         norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
         error_if_nonfinite: raise instead of warning on NaN/inf gradients.
         warn_nonfinite: warn on NaN/inf gradients (turn off with
@@ -53,7 +54,7 @@ class GradientClipping(Callback):
 
     def __init__(
         self,
-        max_norm: Scalar = 1.0,
+        max_norm: Scalar | AdaptiveRule = 1.0,
         norm_type: float | str = 2.0,
         error_if_nonfinite: bool = False,
         *,
@@ -82,6 +83,6 @@ class GradientClipping(Callback):
     ) -> None:
         norm = self.clipper.on_after_backward()
         if self.log_norm:
-            clipped = (norm > self.clipper.max_norm).to(torch.float32)
+            clipped = torch.as_tensor(self.clipper.last_clipped, dtype=torch.float32)
             pl_module.log(self.name, norm, on_step=True, on_epoch=False)
             pl_module.log(f"{self.name}_clip_rate", clipped, on_step=False, on_epoch=True)

@@ -18,7 +18,7 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .._typing import Scalar
-from ..backends.torch import GradientClipCallback
+from ..backends.torch import AdaptiveRule, GradientClipCallback
 
 __all__ = ["GradientClippingCallback"]
 
@@ -34,7 +34,8 @@ class GradientClippingCallback(TrainerCallback):
     ``state.log_history``) carries the pre-clip norm of the last step.
 
     Args:
-        max_norm: the largest total gradient norm allowed.
+        max_norm: the largest total gradient norm allowed, or an adaptive rule
+            (``ZClip()``, ``AutoClip()``, ``AdaGC()`` from ``agclip.backends.torch``).
         norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
         error_if_nonfinite: raise instead of warning on NaN/inf gradients.
         warn_nonfinite: warn on NaN/inf gradients (turn off with ``fp16=True``,
@@ -47,7 +48,7 @@ class GradientClippingCallback(TrainerCallback):
 
     def __init__(
         self,
-        max_norm: Scalar = 1.0,
+        max_norm: Scalar | AdaptiveRule = 1.0,
         norm_type: float | str = 2.0,
         error_if_nonfinite: bool = False,
         *,
