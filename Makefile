@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# timm's AGC is a test reference; its package needs torchvision, which has no
 	# build for this CPU torch, so it comes without dependencies (the test loads agc.py).
 	$(BIN)/python -m pip install -q --no-deps timm==1.0.31
+	# The zclip package is the reference of agclip's ZClip (it needs only torch).
+	$(BIN)/python -m pip install -q --no-deps zclip==1.0.0
 	touch $(STAMP)
 
 setup: $(STAMP)

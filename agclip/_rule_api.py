@@ -11,7 +11,7 @@ all hyperparameter values), on CUDA without a host sync and on torch's
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import array_api_compat.numpy as np_compat
 import numpy as np
@@ -36,6 +36,8 @@ from ._rules import (
     zclip_state,
 )
 from ._typing import ArrayTree, Scalar
+
+S = TypeVar("S")
 
 
 def _init(grads: ArrayTree, make: Callable[[Kernels, Any, Any, int], Any]) -> Any:
@@ -218,15 +220,15 @@ def adagc(
 
 
 def _step(
-    grads: ArrayTree, state: Any, work: Any, rule: Any, *args: Any, p: float, **static: Any
-) -> Any:
+    grads: ArrayTree, state: S, work: Any, rule: Any, *args: Any, p: float, **static: Any
+) -> tuple[ArrayTree, S]:
     """Run one rule step as one compiled call on JAX: hyperparameters are traced
     arguments (no recompiling when they change), options static."""
     flat, k = flatten_arrays(grads)
     if k is None:
         return grads, state
     clipped, new_state = k.run(work, flat.leaves, state, *args, p=p, rule=rule, **static)
-    return flat.unflatten(clipped), new_state
+    return flat.unflatten(clipped), cast(S, new_state)
 
 
 def _by_rule(

@@ -10,7 +10,7 @@ makes the norm global as in ``clip_grad_norm_``; the objects also plug into
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
@@ -44,7 +44,7 @@ class AdaptiveRule:
     """What the three rules share: ``step``, the state on the gradients' device,
     ``state_dict`` / ``load_state_dict``."""
 
-    _state_type: type[NamedTuple]
+    _state_type: Any  # the rule's state NamedTuple
 
     def __init__(self, norm_type: float | str, foreach: bool | None, process_group: Any):
         self.norm_type = norm_type_arg(norm_type)
@@ -351,6 +351,7 @@ class AdaGC(AdaptiveRule):
             units,
             adagc_rule(k, self.config),
             state,
+            self.config.eps,
             p=self.norm_type,
             in_place=True,
             check=check,
