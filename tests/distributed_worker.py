@@ -324,6 +324,65 @@ def callback_with_dtensors() -> dict[str, Any]:
     }
 
 
+def adaptive_rules(layout: str) -> dict[str, Any]:
+    """ZClip, AutoClip and AdaGC stepped over gradients laid out as ``layout`` for 8
+    steps (a spike included), against the same rule on the full gradients here."""
+    from torch.distributed.fsdp import fully_shard
+
+    from agclip.backends.torch import AdaGC, AutoClip, ZClip
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rules: dict[str, Callable[..., Any]] = {
+        "zclip": lambda **kw: ZClip(warmup_steps=3, **kw),
+        "autoclip": lambda **kw: AutoClip(history=4, **kw),
+        "adagc": lambda **kw: AdaGC(warmup_steps=3, **kw),
+    }
+    if layout == "pipeline":
+        del rules["adagc"]  # refused there: see adagc_refuses_pipeline_stages
+    worst = {}
+    for name, make in rules.items():
+        if layout == "fsdp2":
+            model = mlp()
+            fully_shard(model, mesh=init_device_mesh(DEVICE, (world,)))
+            params = list(model.parameters())
+            owned = list(range(len(params)))
+            rule = make()
+        else:  # pipeline stages: disjoint plain parameters, process_group given
+            every = list(mlp().parameters())
+            owned = [i for i in range(len(every)) if i * world // len(every) == rank]
+            params = [every[i] for i in owned]
+            rule = make(process_group=dist.group.WORLD)
+        reference_params, reference = list(mlp(device="cpu").parameters()), make()
+        error = 0.0
+        for step in range(8):
+            scale = (1.0 + 0.1 * step) * (40.0 if step == 6 else 1.0)
+            grads = full_grads(scale)
+            give_grads(params, [grads[i] for i in owned])
+            give_grads(reference_params, grads)
+            norm, want = float(rule.step(params)), float(reference.step(reference_params))
+            error = max(error, abs(norm - want) / want)
+            for param, index in zip(params, owned, strict=True):
+                got = full(grad_of(param)).double().cpu()
+                expected = grad_of(reference_params[index]).double()
+                error = max(error, float((got - expected).abs().max() / expected.abs().max()))
+        worst[name] = error
+    return {"worst": worst}
+
+
+def adagc_refuses_pipeline_stages() -> dict[str, Any]:
+    from agclip.backends.torch import AdaGC
+
+    every = list(mlp().parameters())
+    give_grads(every, full_grads())
+    mine = every[:4] if dist.get_rank() == 0 else every[4:]  # 4 tensors here, 2 there
+    try:
+        AdaGC(process_group=dist.group.WORLD).step(mine)
+        raised = ""
+    except ValueError as error:
+        raised = str(error)
+    return {"raised": raised}
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_p2": lambda: fsdp2(2.0),
     "fsdp2_p1": lambda: fsdp2(1.0),
@@ -339,6 +398,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp1_use_orig_params": fsdp1,
     "nan_on_one_rank": nan_on_one_rank,
     "callback_with_dtensors": callback_with_dtensors,
+    "adaptive_rules_fsdp2": lambda: adaptive_rules("fsdp2"),
+    "adaptive_rules_pipeline": lambda: adaptive_rules("pipeline"),
+    "adagc_refuses_pipeline_stages": adagc_refuses_pipeline_stages,
 }
 WORLD_4_ONLY: dict[str, Callable[[], dict[str, Any]]] = {"hsdp_2x2": hsdp, "pp2_x_fsdp2": pp_fsdp2}
 

@@ -75,6 +75,26 @@ def _results(ranks: dict[int, list[dict[str, Any]]], world: int, case: str) -> l
 CASES = [(w, c) for w in (2, 4) for c in TWO_AND_FOUR] + [(4, c) for c in FOUR_ONLY]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("layout", ["fsdp2", "pipeline"])
+def test_adaptive_rules_over_ranks_equal_the_rule_on_the_full_gradients(
+    ranks: dict[int, list[dict[str, Any]]], world: int, layout: str
+) -> None:
+    for result in _results(ranks, world, f"adaptive_rules_{layout}"):
+        expected = {"zclip", "autoclip"} | ({"adagc"} if layout == "fsdp2" else set())
+        assert set(result["worst"]) == expected
+        for rule, error in result["worst"].items():
+            assert error <= 1e-5, (rule, error)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_adagc_refuses_pipeline_stages_on_every_rank(
+    ranks: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    for result in _results(ranks, world, "adagc_refuses_pipeline_stages"):
+        assert "every rank to hold a part of every gradient tensor" in result["raised"]
+
+
 @pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{c}-world{w}" for w, c in CASES])
 def test_the_norm_is_global_exact_and_costs_one_all_reduce(
     ranks: dict[int, list[dict[str, Any]]], world: int, case: str

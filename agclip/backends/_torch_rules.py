@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._checks import check_count
 from .._kernels import Batch, Kernels
-from .._pipeline import clip_by_rule, clip_by_tensor_rule
+from .._pipeline import LOCAL, clip_by_rule, clip_by_tensor_rule
 from .._rules import (
     COEFFICIENT_EPS,
     AdaGCState,
@@ -291,7 +292,10 @@ class AdaGC(AdaptiveRule):
     cannot ride on a fused optimizer step: with the callback's ``optimizer``,
     the gradients are scaled here. With ``process_group`` or DTensor
     gradients, each tensor's norm is reduced across ranks (one all-reduce per
-    tensor). See [`agclip.adagc`][agclip.adagc] for the rule.
+    tensor), so every rank must hold a part of every tensor (FSDP2, TP, FSDP1
+    or ZeRO shards; checked at the first step). Pipeline stages, which hold
+    different tensors, are refused: use ZClip or AutoClip there. See
+    [`agclip.adagc`][agclip.adagc] for the rule.
 
     Args:
         lambda_abs: the global threshold during warm-up.
@@ -338,6 +342,8 @@ class AdaGC(AdaptiveRule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         del optimizer  # one factor per tensor: scaled here
         units = [distributed_batch(k, k.prepare([grad]), process_group) for grad in grads.leaves]
+        if self.state is None and any(reduce is not LOCAL for _, reduce in units):
+            _check_every_rank_holds(len(units))
         like = grads.leaves[0] if grads else torch.zeros(())
         state = self._state_on(like, lambda: adagc_state(k, like, k.accumulator(grads), len(units)))
         if state.gamma.shape[0] != len(units):
@@ -357,3 +363,17 @@ class AdaGC(AdaptiveRule):
             check=check,
         )
         return result_norm(k, self.state.norm, grads), self.state.spikes > spikes
+
+
+def _check_every_rank_holds(tensors: int) -> None:
+    """Per-tensor norms reduce across ranks tensor by tensor, so every rank must hold a
+    part of every tensor (FSDP, TP, FSDP1 / ZeRO shards). Checked once, at the first
+    step: pipeline stages would otherwise wait on each other's collectives."""
+    counts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, tensors)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"AdaGC across ranks needs every rank to hold a part of every gradient tensor "
+            f"(FSDP, tensor parallel, FSDP1 or ZeRO shards); the ranks hold {counts} tensors "
+            "(pipeline stages?). Use ZClip or AutoClip there: they need only the global norm."
+        )
