@@ -111,6 +111,19 @@ def test_the_norm_and_clip_rate_reach_the_logger() -> None:
     assert math.isclose(float(metrics["grad_norm"]), float(last), rel_tol=1e-6)
 
 
+def test_an_adaptive_rule_clips_and_logs_like_a_fixed_threshold() -> None:
+    from agclip.backends.torch import ZClip
+
+    ours, reference = Regression(), Regression()
+    clipping = GradientClipping(max_norm=ZClip(warmup_steps=2, max_grad_norm=1.0))
+    trainer = _fit(ours, [clipping])
+    # ZClip with a cap: warm-up and non-spike steps clip at the cap, as Lightning does.
+    _fit(reference, [], gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for a, b in zip(_parameters(ours), _parameters(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert float(trainer.callback_metrics["grad_norm_clip_rate"]) == 1.0  # scale 100: all
+
+
 def test_fp16_with_a_grad_scaler_clips_the_unscaled_gradients() -> None:
     from lightning.pytorch.plugins import MixedPrecision
 

@@ -88,6 +88,17 @@ def test_training_matches_the_trainers_own_clipping(
     assert clipping.clipper.clipped_steps > 0
 
 
+def test_an_adaptive_rule_is_the_callbacks_rule(tmp_path: Path) -> None:
+    from agclip.backends.torch import AutoClip
+
+    rule = AutoClip(percentile=10)
+    clipping = GradientClippingCallback(max_norm=rule)
+    _train(tmp_path, [clipping])
+    assert clipping.clipper.steps == int(rule.state.count) == 4
+    # p=10 of norms that change every step: the lowest norms are not clipped, the rest are.
+    assert 0 < clipping.clipper.clipped_steps == int(rule.state.spikes) <= 4
+
+
 def test_the_pre_clip_norm_is_the_logged_grad_norm(tmp_path: Path) -> None:
     clipping = GradientClippingCallback(max_norm=0.1)
     trainer = _train(tmp_path, [clipping])
