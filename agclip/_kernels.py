@@ -20,6 +20,7 @@ The contract, in one place:
 ``stack``              stack 0-d arrays onto one device
 ``select``             value if keep else fallback() (the guard's branch)
 ``on_device_of``       an array moved to another array's device
+``placement``          keyword arguments creating an array on another's device
 ``run``                run the array work of one call (JAX: compiled, cached)
 ``scale`` / ``scale_``  multiply every leaf by a 0-d factor (new arrays / in place)
 ``clip_values`` / ``clip_values_``  clip every element into [-v, v]
@@ -220,6 +221,10 @@ class Kernels:
         with quiet():
             for leaf in batch.leaves:
                 leaf[...] = self._scaled(leaf, factor)
+
+    def placement(self, like: Any) -> dict[str, Any]:
+        """Keyword arguments that create an array on ``like``'s device."""
+        return {"device": compat.device(like)}
 
     def on_device_of(self, value: Any, like: Any) -> Any:
         """``value`` (an array) moved to ``like``'s device when it is elsewhere."""

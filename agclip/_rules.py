@@ -21,8 +21,6 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
 
-import array_api_compat as compat
-
 from ._checks import check_count, check_eps, check_range, check_threshold
 from ._kernels import Kernels, quiet
 
@@ -106,8 +104,8 @@ class AdaGCConfig(NamedTuple):
 
 # -- state construction ----------------------------------------------------------
 def _scalars(k: Kernels, like: Any, dtype: Any, **values: float) -> dict[str, Any]:
-    xp, device = k.xp, compat.device(like)
-    return {name: xp.full((), value, dtype=dtype, device=device) for name, value in values.items()}
+    xp, where = k.xp, k.placement(like)
+    return {name: xp.full((), value, dtype=dtype, **where) for name, value in values.items()}
 
 
 def _counters(k: Kernels, like: Any, *names: str) -> dict[str, Any]:
@@ -123,7 +121,7 @@ def zclip_state(k: Kernels, like: Any, dtype: Any) -> ZClipState:
 
 def autoclip_state(k: Kernels, like: Any, dtype: Any, window: int) -> AutoClipState:
     xp = k.xp
-    history = xp.full((window,), math.inf, dtype=dtype, device=compat.device(like))
+    history = xp.full((window,), math.inf, dtype=dtype, **k.placement(like))
     return AutoClipState(
         history=history,
         **_scalars(k, like, dtype, norm=0.0, threshold=math.inf),
@@ -132,10 +130,10 @@ def autoclip_state(k: Kernels, like: Any, dtype: Any, window: int) -> AutoClipSt
 
 
 def adagc_state(k: Kernels, like: Any, dtype: Any, tensors: int) -> AdaGCState:
-    xp, device = k.xp, compat.device(like)
+    xp, where = k.xp, k.placement(like)
     return AdaGCState(
-        gamma=xp.zeros((tensors,), dtype=dtype, device=device),
-        threshold=xp.full((tensors,), math.inf, dtype=dtype, device=device),
+        gamma=xp.zeros((tensors,), dtype=dtype, **where),
+        threshold=xp.full((tensors,), math.inf, dtype=dtype, **where),
         **_scalars(k, like, dtype, norm=0.0),
         **_counters(k, like, "count", "spikes", "nonfinite"),
     )
@@ -218,7 +216,7 @@ def autoclip_threshold(
     x = xp.astype(norm, history.dtype)
     finite = xp.isfinite(x)
     window = history.shape[0]
-    slots = xp.arange(window, dtype=state.count.dtype, device=compat.device(history))
+    slots = xp.arange(window, dtype=state.count.dtype, **k.placement(history))
     history = xp.where((slots == state.count % window) & finite, x, history)
     count = _count(k, finite, state.count)
     held = xp.minimum(count, xp.full_like(count, window))

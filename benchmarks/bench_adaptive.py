@@ -21,6 +21,7 @@ gradient shapes against ``torch.nn.utils.clip_grad_norm_``:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -190,21 +191,39 @@ def overhead(report: Report, repeats: int = 7) -> list[list[str]]:
 
 
 def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
+    """Per scenario, two bars per arm: worst and median excursion, or for the shifted
+    scenarios the worst of each half. Runs past the ceiling are drawn there, labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2))
+    ceiling = 1e4
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), sharey=True)
     for ax, (scenario, stats) in zip(axes, results.items(), strict=True):
         names = list(stats)
-        ax.barh(names, [stats[n]["worst"] for n in names], color="tab:red", label="worst")
-        ax.barh(names, [stats[n]["median"] for n in names], color="tab:blue", label="median")
+        shifted = "worst late" in stats[names[0]] and scenario != "corrupted batches"
+        bars = (
+            [("worst early", "1st half, worst"), ("worst late", "2nd half, worst")]
+            if shifted
+            else [("worst", "worst"), ("median", "median")]
+        )
+        for offset, (key, legend) in zip((-0.2, 0.2), bars, strict=True):
+            values = [stats[n][key] for n in names]
+            shown = [v if math.isfinite(v) and v < ceiling else ceiling for v in values]
+            rows = [i + offset for i in range(len(names))]
+            ax.barh(rows, shown, height=0.4, label=legend)
+            for row, value in zip(rows, values, strict=True):
+                if not value < ceiling:
+                    text = "diverged" if not math.isfinite(value) else f"{value:.0e}x"
+                    ax.text(ceiling, row, f" {text}", va="center", fontsize=7)
+        ax.set_yticks(range(len(names)), names)
         ax.set_xscale("log")
+        ax.set_xlim(0.8, ceiling * 20)
         ax.axvline(3.0, color="grey", linestyle="--", linewidth=0.8)
         ax.set(title=scenario, xlabel="loss excursion after a corrupted batch (x, log)")
-        ax.invert_yaxis()
-        ax.legend(loc="lower right")
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].invert_yaxis()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -232,6 +251,10 @@ def verdicts(stats: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _number(value: float, form: str) -> str:
+    return form.format(value) if math.isfinite(value) else "diverged"
+
+
 def _table(
     stats: dict[str, dict[str, float]], *, shifted: bool
 ) -> tuple[list[str], list[list[str]]]:
@@ -256,7 +279,7 @@ def _table(
         keys = ["worst", "median"]
     rows = []
     for arm, s in stats.items():
-        row = [arm, f"{s['final']:.3g}", *(f"{s[key]:.2f}x" for key in keys)]
+        row = [arm, _number(s["final"], "{:.3g}"), *(_number(s[key], "{:.2f}x") for key in keys)]
         if not shifted:
             row.append(f"{s['above']:.0f}")
         row.append(f"{s['clipped late' if shifted else 'clipped']:.0%}")

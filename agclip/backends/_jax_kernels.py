@@ -39,6 +39,9 @@ class JaxKernels(Kernels):
     def on_device_of(self, value: Any, like: Any) -> Any:
         return value  # XLA places scalars; tracers have no device to ask
 
+    def placement(self, like: Any) -> dict[str, Any]:
+        return {}  # XLA places new arrays; tracers have no device to ask
+
 
 @cache
 def _compiled(
