@@ -137,12 +137,15 @@ def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
     return rows
 
 
-def fused_step_case(report: Report, repeats: int, device: str = "cpu") -> list[str]:
+def fused_step_case(
+    report: Report, repeats: int, device: str = "cpu", *, clipping: bool = True
+) -> list[str]:
     """Clip + AdamW(fused=True) step end to end: agclip's ``optimizer=`` hand-off against
-    torch's clip then the same step (GPT-2 small, CPU). The gradients are restored
-    before every call (untimed); parameters and optimizer state just move on."""
+    torch's clip then the same step (GPT-2 small), with a ``max_norm`` that clips
+    (half the norm) or not (twice it). The gradients are restored before every call
+    (untimed); parameters and optimizer state just move on."""
     grads = make_grads(gpt2_small_shapes())
-    exact = reference_norm(grads)
+    max_norm = reference_norm(grads) * (0.5 if clipping else 2.0)
     sides = {}
     for name in ("torch", "agclip"):
         params = params_with(grads, device)
@@ -160,13 +163,13 @@ def fused_step_case(report: Report, repeats: int, device: str = "cpu") -> list[s
 
     def torch_step():
         params, optimizer, _ = sides["torch"]
-        torch.nn.utils.clip_grad_norm_(params, exact / 2)
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
         optimizer.step()
         sync()
 
     def agclip_step():
         params, optimizer, _ = sides["agclip"]
-        clip_grad_norm_(params, exact / 2, optimizer=optimizer)
+        clip_grad_norm_(params, max_norm, optimizer=optimizer)
         optimizer.step()
         sync()
 
@@ -185,7 +188,7 @@ def fused_step_case(report: Report, repeats: int, device: str = "cpu") -> list[s
     )
     return [
         device,
-        "AdamW(fused=True)",
+        f"AdamW(fused=True), {'clipping' if clipping else 'nothing to clip'}",
         f"{times['torch'] * 1e3:.1f}",
         f"{times['agclip'] * 1e3:.1f}",
         f"{times['step only'] * 1e3:.1f}",
@@ -194,7 +197,7 @@ def fused_step_case(report: Report, repeats: int, device: str = "cpu") -> list[s
             against="torch",
             device=device,
             shapes="GPT-2 small",
-            case="clip + fused step",
+            case="clip + fused step" if clipping else "fused step, nothing to clip",
         ),
     ]
 
@@ -235,7 +238,11 @@ def main() -> None:
             "step alone ms",
             "ratio",
         ],
-        [fused_step_case(report, max(3, args.repeats // 2), device) for device in devices],
+        [
+            fused_step_case(report, max(3, args.repeats // 2), device, clipping=clipping)
+            for device in devices
+            for clipping in (True, False)
+        ],
         caption="Clip then a fused optimizer step, end to end: agclip hands the coefficient "
         "to the step (`optimizer=`), torch scales the gradients first. The step alone is "
         "the floor.",

@@ -68,6 +68,7 @@ TARGETS = [
     _t("torch", 1.10, "memory floor", device="cpu", shapes="GPT-2 small", case="clipping"),
     _t("torch", 1.10, "memory floor", device="cpu", shapes="GPT-2 small", case="no clipping"),
     _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="clip + fused step"),
+    _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="fused step, nothing to clip"),
     _t("torch", 1.10, device="cpu", shapes="2000 x 1000"),
     _t("torch", 1.00, "torch", device="cuda"),
     _t("jax", 1.05, case="both jitted"),

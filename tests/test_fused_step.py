@@ -119,6 +119,22 @@ def test_a_second_clip_replaces_the_first() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_on_cpu_a_clip_with_nothing_to_scale_hands_nothing_over() -> None:
+    """The fused CPU kernel writes every gradient back when it has a scale: with
+    nothing to clip, agclip leaves the step alone (and drops an earlier pending clip)."""
+    ours, our_opt, theirs, their_opt = _twins(FUSED[0])
+    _backward(ours, scale=1.0)
+    _backward(theirs, scale=1.0)
+    clip_grad_norm_(ours.parameters(), 1e-3, optimizer=our_opt)  # pending ...
+    clip_grad_norm_(ours.parameters(), 1e6, optimizer=our_opt)  # ... replaced: nothing to clip
+    assert not hasattr(our_opt, "grad_scale")
+    assert not hasattr(our_opt, "found_inf")
+    our_opt.step()
+    their_opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_other_optimizers_get_the_gradients_scaled_here() -> None:
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters())  # not fused

@@ -9,7 +9,8 @@ scale pass of its own, and no host sync.
 
 A pending coefficient never leaks into a later step: a second clip replaces
 it, the step consumes it, and a step whose gradients are not the ones that
-were clipped (``zero_grad()`` then a new backward) drops it.
+were clipped (``zero_grad()`` then a new backward) drops it. On CPU a clip
+with nothing to scale hands nothing over (the step runs as it would alone).
 """
 
 from __future__ import annotations
@@ -63,8 +64,15 @@ def hand_over_to(optimizer: Any, batch: Batch) -> Callable[[Any, Any], None] | N
 
 def hand_to_step(optimizer: Any, batch: Batch, factor: torch.Tensor, norm: torch.Tensor) -> None:
     """Leave the clip to ``optimizer``'s next step: scale by ``factor``, skip when the
-    norm is not finite."""
+    norm is not finite. On CPU, where reading the factor is free, a step with
+    nothing to clip gets no scale at all: the fused CPU kernel would otherwise
+    write every gradient back unchanged."""
     device = batch.leaves[0].device
+    if device.type == "cpu" and bool(factor == 1) and bool(torch.isfinite(norm)):
+        pending = _pending.pop(optimizer, None)
+        if pending is not None and _ours(optimizer, pending):
+            _remove_scale(optimizer)  # a second clip replaces the first
+        return
     grad_scale = (1.0 / factor).to(device=device, dtype=torch.float32)
     found_inf = (~torch.isfinite(norm)).to(device=device, dtype=torch.float32)
     optimizer.grad_scale = grad_scale
