@@ -368,12 +368,17 @@ class AdaGC(AdaptiveRule):
 def _check_every_rank_holds(tensors: int) -> None:
     """Per-tensor norms reduce across ranks tensor by tensor, so every rank must hold a
     part of every tensor (FSDP, TP, FSDP1 / ZeRO shards). Checked once, at the first
-    step: pipeline stages would otherwise wait on each other's collectives."""
-    counts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, tensors)
-    if len(set(counts)) > 1:
+    step, with one all-reduce: pipeline stages would otherwise wait on each other's
+    collectives."""
+    nccl = dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    extremes = torch.tensor([tensors, -tensors], dtype=torch.float64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)  # the most and (negated) the fewest
+    most, fewest = int(extremes[0]), -int(extremes[1])
+    if most != fewest:
         raise ValueError(
-            f"AdaGC across ranks needs every rank to hold a part of every gradient tensor "
-            f"(FSDP, tensor parallel, FSDP1 or ZeRO shards); the ranks hold {counts} tensors "
-            "(pipeline stages?). Use ZClip or AutoClip there: they need only the global norm."
+            "AdaGC across ranks needs every rank to hold a part of every gradient tensor "
+            f"(FSDP, tensor parallel, FSDP1 or ZeRO shards); the ranks hold between {fewest} "
+            f"and {most} tensors (pipeline stages?). Use ZClip or AutoClip there: they need "
+            "only the global norm."
         )
