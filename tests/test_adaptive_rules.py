@@ -481,6 +481,28 @@ def test_loading_a_foreign_state_dict_is_an_error_naming_the_fields() -> None:
         clip.load_state_dict(AutoClip().state_dict() or {"state": {"history": 0}})
 
 
+def test_autoclip_refuses_a_state_of_another_history() -> None:
+    pytest.importorskip("torch")
+    from agclip.backends.torch import AutoClip
+
+    ring = AutoClip(history=3)
+    for value in range(5):
+        ring.step(_grads(float(value + 1)))
+    with pytest.raises(ValueError, match="history=3"):
+        AutoClip(history=None).load_state_dict(ring.state_dict())
+    with pytest.raises(ValueError, match="history=3"):
+        AutoClip(history=4).load_state_dict(ring.state_dict())
+    AutoClip(history=3).load_state_dict(ring.state_dict())  # the same layout loads
+
+
+def _grads(value: float) -> list[Any]:
+    import torch
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.full((2,), value)
+    return [param]
+
+
 def test_the_callback_takes_a_rule_and_counts_its_clips() -> None:
     torch = pytest.importorskip("torch")
     from agclip.backends.torch import AdaGC, GradientClipCallback, ZClip

@@ -274,8 +274,22 @@ class AutoClip(_GlobalNormRule):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        if self.state is None:
+            self._steps = 0
+            return
         # Read once here (not per step): how many norms the buffer holds.
-        self._steps = 0 if self.state is None else int(self.state.count)
+        held, count = self.state.history.shape[0], int(self.state.count)
+        if self.history is not None and held != self.history:
+            raise ValueError(
+                f"AutoClip(history={self.history}).load_state_dict: the state holds a "
+                f"history of {held} norms; load it into AutoClip(history={held})"
+            )
+        if self.history is None and count > held:
+            raise ValueError(
+                f"AutoClip(history=None).load_state_dict: the state saw {count} norms but "
+                f"kept only the last {held}; load it into AutoClip(history={held})"
+            )
+        self._steps = count
 
     def _new_state(self, k: Kernels, like: torch.Tensor, dtype: torch.dtype) -> Any:
         return autoclip_state(k, like, dtype, self.history or AUTOCLIP_FIRST_CAPACITY)
