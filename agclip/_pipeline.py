@@ -92,17 +92,29 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
         return fast
 
     def rescaled() -> Any:
-        peak = reduce.max(k.max_abs(batch, acc))
-        usable = xp.isfinite(peak) & (peak > 0)
-        divisor = xp.where(usable, peak, xp.ones_like(peak))
-        scaled_total = reduce.sum(k.sum_of_powers(batch, p, acc, scale=1.0 / divisor))
-        norm = divisor * root(k, scaled_total, p)
         # Non-finite inputs keep the fast result (inf or NaN), as torch does;
         # all-zero inputs keep 0.
-        return xp.where(usable, norm, fast)
+        return by_largest(
+            k,
+            reduce.max(k.max_abs(batch, acc)),
+            lambda divisor: root(
+                k, reduce.sum(k.sum_of_powers(batch, p, acc, scale=1.0 / divisor)), p
+            ),
+            otherwise=fast,
+        )
 
     in_range = xp.isfinite(total) & (total >= underflow_floor(count))
     return k.select(in_range, fast, rescaled)
+
+
+def by_largest(k: Kernels, peak: Any, norm_of_scaled: Callable[[Any], Any], otherwise: Any) -> Any:
+    """``peak * norm_of_scaled(peak)``: a norm taken on values divided by their largest
+    magnitude ``peak``, so that no power overflows or underflows; ``otherwise`` where
+    ``peak`` is no usable divisor (0, inf or NaN)."""
+    xp = k.xp
+    usable = xp.isfinite(peak) & (peak > 0)
+    divisor = xp.where(usable, peak, xp.ones_like(peak))
+    return xp.where(usable, divisor * norm_of_scaled(divisor), otherwise)
 
 
 def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
@@ -247,11 +259,10 @@ def norm_of_norms(k: Kernels, norms: Any, p: float) -> Any:
     peak = xp.max(norms)
     if math.isinf(p):
         return peak
-    usable = xp.isfinite(peak) & (peak > 0)
-    divisor = xp.where(usable, peak, xp.ones_like(peak))
     with quiet():
-        scaled = divisor * root(k, xp.sum(pow_abs(xp, norms / divisor, p)), p)
-    return xp.where(usable, scaled, peak)
+        return by_largest(
+            k, peak, lambda divisor: root(k, xp.sum(pow_abs(xp, norms / divisor, p)), p), peak
+        )
 
 
 # -- the array work of the public functions (run through ``Kernels.run``) ------
