@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import gpt2_small_shapes
+from common import gpt2_small_shapes, interleaved
 from report import Report, add_json_option
 
 from agclip.backends import torch as agt
@@ -171,18 +171,16 @@ def overhead(report: Report, repeats: int = 7) -> list[list[str]]:
     }
     for name, rule in rules.items():
         contenders[name] = lambda rule=rule: rule.step(params)
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeats + 1):  # the first round warms up (and fills ZClip's warm-up)
-        for name, fn in contenders.items():
-            for param, original in zip(params, originals, strict=True):
-                param.grad = original.clone()
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    torch_ms = statistics.median(times["torch.nn.utils.clip_grad_norm_"][1:]) * 1e3
+
+    def restore() -> None:  # every call starts from the same gradients
+        for param, original in zip(params, originals, strict=True):
+            param.grad = original.clone()
+
+    times = interleaved(contenders, repeats, setup=dict.fromkeys(contenders, restore))
+    torch_ms = times["torch.nn.utils.clip_grad_norm_"] * 1e3
     rows = []
-    for name, samples in times.items():
-        ms = statistics.median(samples[1:]) * 1e3
+    for name, seconds in times.items():
+        ms = seconds * 1e3
         ratio = f"{ms / torch_ms:.2f}x"
         if name.startswith("ZClip, clipping"):  # the target: <= 1.2x
             ratio = report.ratio(ms / torch_ms, against="torch", case="ZClip step, clipping")
