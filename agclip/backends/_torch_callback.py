@@ -23,6 +23,7 @@ from ._torch_grads import (
     raise_if_nonfinite,
     result_norm,
     threshold,
+    unzip_named,
 )
 from ._torch_rules import AdaptiveRule
 
@@ -116,9 +117,7 @@ class GradientClipCallback:
         """Clip this model's parameters (named as in ``model.named_parameters()``)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        named = list(model.named_parameters())
-        self._names = [name for name, _ in named]
-        self._params = [param for _, param in named]
+        self._params, self._names = unzip_named(model.named_parameters())
 
     @torch.no_grad()
     def on_after_backward(self) -> torch.Tensor:

@@ -53,6 +53,12 @@ def parameters_list(parameters: TensorOrTensors) -> list[Any]:
     return params
 
 
+def unzip_named(named: Iterable[tuple[str, Any]]) -> tuple[list[Any], list[str]]:
+    """``named_parameters()`` pairs as (parameters, names)."""
+    pairs = list(named)
+    return [param for _, param in pairs], [name for name, _ in pairs]
+
+
 def check_tensor(tensor: Any, label: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{label} is a {type(tensor).__name__}, not a torch.Tensor")

@@ -36,7 +36,14 @@ from .._rules import (
 from .._typing import Scalar
 from ._torch_distributed import distributed_batch
 from ._torch_fused import hand_over_to
-from ._torch_grads import collect_grads, empty_norm, kernels, norm_type_arg, result_norm
+from ._torch_grads import (
+    collect_grads,
+    empty_norm,
+    kernels,
+    norm_type_arg,
+    result_norm,
+    unzip_named,
+)
 
 AUTOCLIP_FIRST_CAPACITY = 256  # an unbounded history starts here and doubles
 
@@ -59,11 +66,11 @@ class AdaptiveRule:
         place; returns the pre-clip norm, a 0-d float32 tensor (float64 for float64
         gradients) on the gradients' device. Call it after ``backward()`` (after
         ``scaler.unscale_(optimizer)`` with AMP) and before ``optimizer.step()``."""
+        names: list[str] | None = None
         if isinstance(model, torch.nn.Module):
-            named = list(model.named_parameters())
-            params, names = [p for _, p in named], [n for n, _ in named]
+            params, names = unzip_named(model.named_parameters())
         else:
-            params, names = list(model), None
+            params = list(model)
         k = kernels(self.foreach)
         grads, _ = collect_grads(k, params, names)
         if not grads and self.process_group is None:

@@ -48,6 +48,7 @@ from ._torch_grads import (
     raise_if_nonfinite,
     result_norm,
     threshold,
+    unzip_named,
 )
 from ._torch_rules import AdaGC, AdaptiveRule, AutoClip, ZClip
 
@@ -245,8 +246,7 @@ def adaptive_clip_grad_(
     """
     given = as_list(parameters)
     named = bool(given) and all(isinstance(item, tuple) for item in given)
-    names = [name for name, _ in given] if named else [str(i) for i in range(len(given))]
-    params = [param for _, param in given] if named else given
+    params, names = unzip_named(given) if named else (given, [str(i) for i in range(len(given))])
     for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
