@@ -197,10 +197,11 @@ def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ceiling = 1e4
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), sharey=True)
+    # One panel per row: the page's column is narrow, side by side they would not read.
+    fig, axes = plt.subplots(len(results), 1, figsize=(8, 3.4 * len(results)), sharex=True)
     for ax, (scenario, stats) in zip(axes, results.items(), strict=True):
         names = list(stats)
-        shifted = "worst late" in stats[names[0]] and scenario != "corrupted batches"
+        shifted = SCENARIOS[scenario].shifted
         bars = (
             [("worst early", "1st half, worst"), ("worst late", "2nd half, worst")]
             if shifted
@@ -219,9 +220,10 @@ def plot(results: dict[str, dict[str, dict[str, float]]], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlim(0.8, ceiling * 20)
         ax.axvline(3.0, color="grey", linestyle="--", linewidth=0.8)
-        ax.set(title=scenario, xlabel="loss excursion after a corrupted batch (x, log)")
+        ax.set_title(scenario)
+        ax.invert_yaxis()
         ax.legend(loc="lower right", fontsize=8)
-    axes[0].invert_yaxis()
+    axes[-1].set_xlabel("loss excursion after a corrupted batch (x, log)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
