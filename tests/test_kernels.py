@@ -12,8 +12,8 @@ import pytest
 from agclip._dispatch import kernels_for
 from agclip._kernels import BLOCK, Kernels
 
-# Sizes straddle the block sizes (rows, tails, the small/large split).
-SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK + 1, (1 << 16) + 3]
+# Sizes straddle the block sizes (rows, tails, the small/large split, whole rows).
+SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK, 5 * BLOCK + 1, (1 << 16) + 3]
 
 
 def _leaves(make: Any, dtype: str) -> Any:
@@ -70,6 +70,21 @@ def test_sum_of_powers_override_matches_generic(lib: str, p: float, dtype: str) 
     want_scaled = _f64(generic.sum_of_powers(theirs, p, acc, scale=scale))
     got_scaled = _f64(fast.sum_of_powers(ours, p, acc, scale=scale))
     assert math.isclose(got_scaled, want_scaled, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, BLOCK), (BLOCK + 3, 7)])
+def test_torch_sum_of_powers_of_non_contiguous_tensors(shape: tuple[int, int]) -> None:
+    """Transposed and strided gradients reach the CPU row kernel (as a copy of their rows)."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import torch as compat_torch
+
+    base = torch.from_numpy(np.random.default_rng(1).standard_normal(shape)).float()
+    leaves = [base.t(), base[:, ::2]]
+    assert not any(leaf.is_contiguous() for leaf in leaves)
+    k = kernels_for(compat_torch)
+    got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    want = sum(float((leaf.double() ** 2).sum()) for leaf in leaves)
+    assert math.isclose(got, want, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("lib", _lib_cases())

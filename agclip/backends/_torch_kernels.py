@@ -88,20 +88,25 @@ class TorchKernels(Kernels):
         return self.stack(parts).sum()
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
+        # One pass over the group, as few calls per tensor as possible: at GPT-2
+        # sizes the Python side of ~150 tensors is a few percent of one read.
         rows_dtype = _work_dtype(group[0].dtype)
-        large = [tensor for tensor in group if tensor.numel() > SMALL]
-        small = [tensor for tensor in group if tensor.numel() <= SMALL] if large else list(group)
-        norms = []
-        for tensor in large:
-            flat = tensor.reshape(-1)
-            rows = flat.numel() // BLOCK
-            norms.append(
-                torch.linalg.vector_norm(
-                    flat[: rows * BLOCK].view(rows, BLOCK), p, dim=1, dtype=rows_dtype
-                )
-            )
-            if flat.numel() % BLOCK:  # the tail joins the small tensors' one foreach call
-                small.append(flat[rows * BLOCK :])
+        norms: list[torch.Tensor] = []
+        small: list[torch.Tensor] = []
+        for tensor in group:
+            size = tensor.numel()
+            if size <= SMALL:
+                small.append(tensor)
+                continue
+            rows, tail = divmod(size, BLOCK)
+            if tail or not tensor.is_contiguous():
+                flat = tensor.reshape(-1)
+                body = flat[: rows * BLOCK].view(rows, BLOCK)
+                if tail:  # the tail joins the small tensors' one foreach call
+                    small.append(flat[rows * BLOCK :])
+            else:
+                body = tensor.view(rows, BLOCK)
+            norms.append(torch.linalg.vector_norm(body, p, dim=1, dtype=rows_dtype))
         if small:
             norms.append(torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype)))
         return torch.cat(norms).to(acc).pow(p).sum()
