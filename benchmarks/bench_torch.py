@@ -3,7 +3,7 @@
 Cases: GPT-2-small gradients (124M float32 in 148 tensors), clipping and not,
 and 2,000 tensors of 1,000 values. Median times of interleaved runs, ratios
 against torch's faster mode, and each norm's error against float64. A CUDA
-section runs when a GPU is present.
+section runs when a GPU is present; it adds Llama-3.2-1B shapes (1.24B values).
 
 On GPT-2 shapes clipping is memory-bound, so the table also times the memory
 floor, interleaved with the rest: the fewest passes any clip needs. With no
@@ -16,10 +16,13 @@ depends on the whole norm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from common import (
     gpt2_small_shapes,
     interleaved,
+    llama_1b_shapes,
     machine,
     make_grads,
     many_small_shapes,
@@ -52,17 +55,34 @@ def memory_floor(grads: list[torch.Tensor], scales: bool):
     return floor
 
 
-def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
+def shape_sets(device: str) -> dict[str, list[tuple[int, ...]]]:
+    """The gradients timed on ``device``: GPT-2 small and many small tensors; on a
+    GPU also a 1B-parameter model, which the CPU runs cannot hold three copies of."""
+    sets = {"GPT-2 small": gpt2_small_shapes(), "2000 x 1000": many_small_shapes()}
+    if device == "cuda":
+        sets["Llama-3.2-1B"] = llama_1b_shapes()
+    return sets
+
+
+def memory_bound(shapes: list[tuple[int, ...]]) -> bool:
+    """Large tensors: the time is memory traffic, held against the memory floor
+    (clipping and not). Many small ones time per-call overhead (clipping only)."""
+    return max(math.prod(shape) for shape in shapes) > 1 << 20
+
+
+def run_cases(
+    report: Report,
+    device: str,
+    repeats: int,
+    sets: dict[str, list[tuple[int, ...]]] | None = None,
+) -> list[list[str]]:
     rows = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for shapes_name, shapes in (
-        ("GPT-2 small", gpt2_small_shapes()),
-        ("2000 x 1000", many_small_shapes()),
-    ):
+    for shapes_name, shapes in (sets or shape_sets(device)).items():
         grads = make_grads(shapes)
         exact = reference_norm(grads)
         cases = [("clipping", exact / 2), ("no clipping", exact * 2)]
-        if shapes_name != "GPT-2 small":
+        if not memory_bound(shapes):
             cases = cases[:1]
         for label, max_norm in cases:
             params = params_with(grads, device)
@@ -92,7 +112,7 @@ def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
                 ),
                 "agclip": timed(lambda m=max_norm, ps=params: clip_grad_norm_(ps, m)),
             }
-            if shapes_name == "GPT-2 small":
+            if memory_bound(shapes):
                 fns["floor"] = timed(memory_floor([p.grad for p in params], label == "clipping"))
             times = interleaved(fns, repeats=repeats, setup=dict.fromkeys(fns, restore))
             errors = {}
@@ -145,10 +165,17 @@ def run_cases(report: Report, device: str, repeats: int) -> list[list[str]]:
 
 
 def fused_step_case(
-    report: Report, repeats: int, device: str = "cpu", *, clipping: bool = True
+    report: Report,
+    repeats: int,
+    device: str = "cpu",
+    *,
+    clipping: bool = True,
+    shapes_name: str = "GPT-2 small",
+    shapes: list[tuple[int, ...]] | None = None,
 ) -> list[str]:
     """Clip + AdamW(fused=True) step end to end: agclip's ``optimizer=`` hand-off against
-    torch's clip then the same step (GPT-2 small), with a ``max_norm`` that clips
+    torch's clip then the same step (GPT-2 small unless ``shapes`` are given), with a
+    ``max_norm`` that clips
     (half the norm) or not (twice it). The gradients are restored before every call
     (untimed); parameters and optimizer state just move on.
 
@@ -156,7 +183,7 @@ def fused_step_case(
     runs: one read of every gradient (the norm), then the step, which when clipping
     carries a gradient scale (of 1) and so writes every gradient back, as the
     clipped gradients must be left in ``.grad``."""
-    grads = make_grads(gpt2_small_shapes())
+    grads = make_grads(shapes or gpt2_small_shapes())
     max_norm = reference_norm(grads) * (0.5 if clipping else 2.0)
     sides = {}
     for name in ("torch", "agclip", "floor"):
@@ -215,6 +242,7 @@ def fused_step_case(
     case = "clip + fused step" if clipping else "fused step, nothing to clip"
     return [
         device,
+        shapes_name,
         f"AdamW(fused=True), {'clipping' if clipping else 'nothing to clip'}",
         f"{times['torch'] * 1e3:.1f}",
         f"{times['agclip'] * 1e3:.1f}",
@@ -223,7 +251,7 @@ def fused_step_case(
             times["agclip"] / times["torch"],
             against="torch",
             device=device,
-            shapes="GPT-2 small",
+            shapes=shapes_name,
             case=case,
         ),
         f"{times['floor'] * 1e3:.1f}",
@@ -231,7 +259,7 @@ def fused_step_case(
             times["agclip"] / times["floor"],
             against="step floor",
             device=device,
-            shapes="GPT-2 small",
+            shapes=shapes_name,
             case=case,
         ),
         f"{times['floor'] / times['torch']:.2f}x",
@@ -268,6 +296,7 @@ def main() -> None:
     report.table(
         [
             "device",
+            "shapes",
             "case",
             "torch clip + step ms",
             "agclip clip in step ms",
@@ -278,8 +307,12 @@ def main() -> None:
             "floor / torch",
         ],
         [
-            fused_step_case(report, args.repeats, device, clipping=clipping)
+            fused_step_case(
+                report, args.repeats, device, clipping=clipping, shapes_name=name, shapes=shapes
+            )
             for device in devices
+            for name, shapes in shape_sets(device).items()
+            if memory_bound(shapes)
             for clipping in (True, False)
         ],
         caption="Clip then a fused optimizer step, end to end: agclip hands the coefficient "

@@ -22,6 +22,17 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+def llama_1b_shapes() -> list[tuple[int, ...]]:
+    """The 146 parameter shapes of Llama-3.2-1B (1,235,814,400 values, tied embedding):
+    a model that fills an H100-class GPU's bandwidth, too large for the CPU runs."""
+    d, vocab, layers, kv, hidden = 2048, 128256, 16, 512, 8192
+    shapes: list[tuple[int, ...]] = [(vocab, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d, d), (kv, d), (kv, d), (d, d)]  # input norm, q, k, v, o
+        shapes += [(d,), (hidden, d), (hidden, d), (d, hidden)]  # post norm, gate, up, down
+    return shapes + [(d,)]
+
+
 def many_small_shapes() -> list[tuple[int, ...]]:
     """2,000 tensors of 1,000 values: where per-call overhead dominates."""
     return [(1000,)] * 2000
