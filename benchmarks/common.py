@@ -30,7 +30,7 @@ def llama_1b_shapes() -> list[tuple[int, ...]]:
     for _ in range(layers):
         shapes += [(d,), (d, d), (kv, d), (kv, d), (d, d)]  # input norm, q, k, v, o
         shapes += [(d,), (hidden, d), (hidden, d), (d, hidden)]  # post norm, gate, up, down
-    return shapes + [(d,)]
+    return [*shapes, (d,)]  # final norm
 
 
 def many_small_shapes() -> list[tuple[int, ...]]:
