@@ -86,7 +86,8 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
     acc = k.accumulator(batch)
     if math.isinf(p):
         return reduce.max(k.max_abs(batch, acc))
-    total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), batch.size)
+    count = batch.size  # before the pass over the data, which evicts the leaves' list
+    total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), count)
     fast = root(k, total, p)
     if not reduce.needs_guard(k.needs_guard(batch, p, acc)):
         return fast

@@ -85,7 +85,7 @@ class TorchKernels(Kernels):
             parts.append(part if weight == 1.0 else part * weight)
         if not parts:
             return torch.zeros((), dtype=acc, device=batch.leaves[0].device if batch else None)
-        return self.stack(parts).sum()
+        return parts[0] if len(parts) == 1 else self.stack(parts).sum()
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         # One pass over the group, as few calls per tensor as possible: at GPT-2
