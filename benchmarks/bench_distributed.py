@@ -7,7 +7,7 @@ all-reduce is not needed on one stage) and by agclip. Median host time of
 interleaved calls on rank 0, and the collectives one call issues
 (``CommDebugMode``). Every norm is checked against a float64 reference.
 
-    python benchmarks/bench_distributed.py [--repeats 15] [--json out.json]
+    python benchmarks/bench_distributed.py [--repeats 51] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def worker(out: Path, repeats: int) -> None:
 def main() -> None:
     from report import speed_benchmark
 
-    args, report = speed_benchmark("distributed", __doc__, repeats=15)
+    args, report = speed_benchmark("distributed", __doc__, repeats=51)
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "rows.json"
         subprocess.run(
