@@ -128,7 +128,7 @@ def run_cases(
                 # This shared machine's memory speed moves between runs; the ratios with it.
                 gigabytes = sum(g.nbytes for g in grads) / 1e9
                 report.note(
-                    f"{device}: the `sum` floor read the gradients at "
+                    f"{device}, {shapes_name}: the `sum` floor read the gradients at "
                     f"{gigabytes / floor:.0f} GB/s in this run."
                 )
             rows.append(
@@ -175,9 +175,8 @@ def fused_step_case(
 ) -> list[str]:
     """Clip + AdamW(fused=True) step end to end: agclip's ``optimizer=`` hand-off against
     torch's clip then the same step (GPT-2 small unless ``shapes`` are given), with a
-    ``max_norm`` that clips
-    (half the norm) or not (twice it). The gradients are restored before every call
-    (untimed); parameters and optimizer state just move on.
+    ``max_norm`` that clips (half the norm) or not (twice it). The gradients are
+    restored before every call (untimed); parameters and optimizer state just move on.
 
     The floor is the least any clip handed to this step can cost, timed in the same
     runs: one read of every gradient (the norm), then the step, which when clipping
