@@ -17,6 +17,7 @@ depends on the whole norm.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from common import (
@@ -124,6 +125,7 @@ def run_cases(
                 errors[name] = abs(float(fn(params, max_norm)) - exact) / exact
             best_torch = min(times["torch foreach"], times["torch loop"])
             floor = times.get("floor")
+            ratio = partial(report.ratio, device=device, shapes=shapes_name, case=label)
             if floor is not None and label == "no clipping":
                 # This shared machine's memory speed moves between runs; the ratios with it.
                 gigabytes = sum(g.nbytes for g in grads) / 1e9
@@ -139,23 +141,9 @@ def run_cases(
                     f"{times['torch foreach'] * 1e3:.2f}",
                     f"{times['torch loop'] * 1e3:.2f}",
                     f"{times['agclip'] * 1e3:.2f}",
-                    report.ratio(
-                        times["agclip"] / best_torch,
-                        against="torch",
-                        device=device,
-                        shapes=shapes_name,
-                        case=label,
-                    ),
+                    ratio(times["agclip"] / best_torch, against="torch"),
                     "" if floor is None else f"{floor * 1e3:.2f}",
-                    ""
-                    if floor is None
-                    else report.ratio(
-                        times["agclip"] / floor,
-                        against="memory floor",
-                        device=device,
-                        shapes=shapes_name,
-                        case=label,
-                    ),
+                    "" if floor is None else ratio(times["agclip"] / floor, against="memory floor"),
                     f"{errors['torch']:.1e}",
                     f"{errors['agclip']:.1e}",
                 ]
@@ -239,6 +227,7 @@ def fused_step_case(
         },
     )
     case = "clip + fused step" if clipping else "fused step, nothing to clip"
+    ratio = partial(report.ratio, device=device, shapes=shapes_name, case=case)
     return [
         device,
         shapes_name,
@@ -246,21 +235,9 @@ def fused_step_case(
         f"{times['torch'] * 1e3:.1f}",
         f"{times['agclip'] * 1e3:.1f}",
         f"{times['step only'] * 1e3:.1f}",
-        report.ratio(
-            times["agclip"] / times["torch"],
-            against="torch",
-            device=device,
-            shapes=shapes_name,
-            case=case,
-        ),
+        ratio(times["agclip"] / times["torch"], against="torch"),
         f"{times['floor'] * 1e3:.1f}",
-        report.ratio(
-            times["agclip"] / times["floor"],
-            against="step floor",
-            device=device,
-            shapes=shapes_name,
-            case=case,
-        ),
+        ratio(times["agclip"] / times["floor"], against="step floor"),
         f"{times['floor'] / times['torch']:.2f}x",
     ]
 
