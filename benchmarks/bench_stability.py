@@ -31,6 +31,17 @@ from demo.torch_runs import run_all
 CONFIGS = ("no clipping", "global norm 1 (callback)", "value 0.1")
 LRS = {"lstm": (0.1, 0.3, 1.0, 3.0), "rnn": (0.01, 0.03, 0.1, 0.3)}
 LABELS = {"lstm": "LSTM(2->64)", "rnn": "tanh RNN(2->64)"}
+# Lines that coincide stay visible: each config has its own marker and dash.
+STYLES = {
+    "no clipping": {"marker": "o", "linestyle": "-"},
+    "global norm 1 (callback)": {
+        "marker": "s",
+        "linestyle": "--",
+        "markersize": 10,
+        "fillstyle": "none",
+    },
+    "value 0.1": {"marker": "^", "linestyle": ":", "markersize": 5},
+}
 
 
 def sweep(seeds: int, steps: int) -> dict[tuple[str, float, str], list]:
@@ -128,8 +139,8 @@ def plot(stats: dict, path: Path) -> None:
             div = [stats[(cell, lr, config)]["diverged"] for lr in lrs]
             med = [stats[(cell, lr, config)]["median"] or np.nan for lr in lrs]
             reached_any |= not all(np.isnan(med))
-            axes[0][col].plot(lrs, div, marker="o", label=config)
-            axes[1][col].plot(lrs, med, marker="o", label=config)
+            axes[0][col].plot(lrs, div, label=config, **STYLES[config])
+            axes[1][col].plot(lrs, med, label=config, **STYLES[config])
         if not reached_any:  # say so, rather than draw an empty axis
             axes[1][col].text(
                 0.5,

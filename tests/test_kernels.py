@@ -169,3 +169,100 @@ def test_in_place_value_clip_override_matches_generic(
     want = generic.clip_values(generic.prepare(theirs), 0.5)
     for a, b in zip(ours, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _torch_kernels_counting_bmm(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
+    """The torch kernels, with ``torch.bmm`` calls counted (the CPU Gram path's op)."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import torch as compat_torch
+
+    calls = [0]
+    bmm = torch.bmm
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return bmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "bmm", counted)
+    return kernels_for(compat_torch), calls
+
+
+def _gram_leaves() -> list[Any]:
+    """float32 tensors on both sides of the Gram path's limits: under GRAM_MIN (row
+    norms), whole row pairs, a tail, a non-contiguous one; values over 12 decades."""
+    import torch
+
+    from agclip.backends._torch_kernels import GRAM_MIN
+
+    rng = np.random.default_rng(3)
+    sizes = [GRAM_MIN - 1, GRAM_MIN, GRAM_MIN + 5, 3 * GRAM_MIN + 4097]
+    leaves = [rng.standard_normal(n) * np.exp(rng.normal(0, 3, n)) for n in sizes]
+    tensors = [torch.from_numpy(v).float() for v in leaves]
+    tensors.append(torch.from_numpy(rng.standard_normal((513, 1021))).float().t())
+    return [*tensors, torch.ones(7)]
+
+
+def _f64_sum_of_squares(tensors: list[Any]) -> float:
+    return sum(float((t.double() ** 2).sum()) for t in tensors)
+
+
+def test_torch_cpu_gram_path_matches_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    k, calls = _torch_kernels_counting_bmm(monkeypatch)
+    import torch
+
+    leaves = _gram_leaves()
+    got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    assert calls[0] == 4, "the four tensors of GRAM_MIN elements or more take the Gram path"
+    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "reduced",
+    [
+        pytest.param(("legacy", "medium"), id="set_float32_matmul_precision-medium"),
+        pytest.param(("legacy", "high"), id="set_float32_matmul_precision-high"),
+        pytest.param(("mkldnn.matmul", "bf16"), id="mkldnn.matmul.fp32_precision-bf16"),
+        pytest.param(("root", "tf32"), id="backends.fp32_precision-tf32"),
+    ],
+)
+def test_torch_cpu_gram_path_is_off_when_matmuls_may_round(
+    monkeypatch: pytest.MonkeyPatch, reduced: tuple[str, str]
+) -> None:
+    """A user who lets float32 matmuls run in bf16 or tf32 still gets an exact norm."""
+    k, calls = _torch_kernels_counting_bmm(monkeypatch)
+    import torch
+
+    where, value = reduced
+    root: Any = torch.backends  # the fp32_precision settings are not in torch's stubs
+    matmul = root.mkldnn.matmul
+    saved = [(owner, owner.fp32_precision) for owner in (root, matmul)]
+    legacy = torch.get_float32_matmul_precision()
+    try:
+        if where == "legacy":
+            torch.set_float32_matmul_precision(value)
+        elif where == "root":
+            matmul.fp32_precision = "none"  # inherit from the root, as in a fresh process
+            root.fp32_precision = value
+        else:
+            matmul.fp32_precision = value
+        leaves = _gram_leaves()
+        got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    finally:
+        torch.set_float32_matmul_precision(legacy)
+        for owner, before in saved:
+            owner.fp32_precision = before
+    assert calls[0] == 0
+    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
+    assert torch.get_float32_matmul_precision() == "highest", "the test restored the setting"
+
+
+def test_torch_cpu_gram_path_needs_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds without MKL (its speed measured nowhere else) keep the row norm."""
+    k, calls = _torch_kernels_counting_bmm(monkeypatch)
+    import torch
+
+    monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
+    leaves = _gram_leaves()
+    got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    assert calls[0] == 0
+    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
