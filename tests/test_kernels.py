@@ -8,6 +8,7 @@ from typing import Any
 import array_api_compat.numpy
 import numpy as np
 import pytest
+from support import reference_norm
 
 from agclip._dispatch import kernels_for
 from agclip._kernels import BLOCK, Kernels
@@ -83,8 +84,7 @@ def test_torch_sum_of_powers_of_non_contiguous_tensors(shape: tuple[int, int]) -
     assert not any(leaf.is_contiguous() for leaf in leaves)
     k = kernels_for(compat_torch)
     got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
-    want = sum(float((leaf.double() ** 2).sum()) for leaf in leaves)
-    assert math.isclose(got, want, rel_tol=1e-6)
+    assert math.isclose(got, reference_norm(leaves, 2.0) ** 2, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("lib", _lib_cases())
@@ -202,18 +202,19 @@ def _gram_leaves() -> list[Any]:
     return [*tensors, torch.ones(7)]
 
 
-def _f64_sum_of_squares(tensors: list[Any]) -> float:
-    return sum(float((t.double() ** 2).sum()) for t in tensors)
-
-
-def test_torch_cpu_gram_path_matches_float64(monkeypatch: pytest.MonkeyPatch) -> None:
-    k, calls = _torch_kernels_counting_bmm(monkeypatch)
+def _assert_exact_sum_of_squares(k: Kernels) -> None:
+    """The kernels' float32 sum of squares of the Gram leaves equals float64's."""
     import torch
 
     leaves = _gram_leaves()
     got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    assert math.isclose(got, reference_norm(leaves, 2.0) ** 2, rel_tol=1e-6)
+
+
+def test_torch_cpu_gram_path_matches_float64(monkeypatch: pytest.MonkeyPatch) -> None:
+    k, calls = _torch_kernels_counting_bmm(monkeypatch)
+    _assert_exact_sum_of_squares(k)
     assert calls[0] == 4, "the four tensors of GRAM_MIN elements or more take the Gram path"
-    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -245,15 +246,13 @@ def test_torch_cpu_gram_path_is_off_when_matmuls_may_round(
             root.fp32_precision = value
         else:
             matmul.fp32_precision = value
-        leaves = _gram_leaves()
-        got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+        _assert_exact_sum_of_squares(k)
     finally:
         torch.set_float32_matmul_precision(legacy)
         for owner, before in saved:
             owner.fp32_precision = before
     assert calls[0] == 0
-    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
-    assert torch.get_float32_matmul_precision() == "highest", "the test restored the setting"
+    assert torch.get_float32_matmul_precision() == legacy, "the test restored the setting"
 
 
 def test_torch_cpu_gram_path_needs_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,7 +261,5 @@ def test_torch_cpu_gram_path_needs_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
-    leaves = _gram_leaves()
-    got = _f64(k.sum_of_powers(k.prepare(leaves), 2.0, torch.float64))
+    _assert_exact_sum_of_squares(k)
     assert calls[0] == 0
-    assert math.isclose(got, _f64_sum_of_squares(leaves), rel_tol=1e-6)
