@@ -189,6 +189,16 @@ class Kernels:
         """``fn(self, *arrays, **static)``; JAX compiles it (once per options and shapes)."""
         return fn(self, *arrays, **static)
 
+    def host_scalar(self, x: Any) -> float | None:
+        """The 0-d float64 array ``x`` as a Python float, where reading it is free
+        and loses nothing (host memory; nothing traces or differentiates it);
+        ``None`` elsewhere. The generic kernels keep every value an array."""
+        return None
+
+    def from_host(self, value: float, like: Any) -> Any:
+        """``value`` as a 0-d array of ``like``'s dtype, on its device."""
+        return self.xp.asarray(value, dtype=like.dtype, **self.placement(like))
+
     def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
         """``value`` where the 0-d bool ``keep`` holds, else ``fallback()``.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -59,13 +60,21 @@ def interleaved(
 ) -> dict[str, float]:
     """Median seconds per case, runs interleaved so machine noise hits all alike.
 
+    The order is shuffled every round (seeded: runs repeat). A case finds the
+    caches as the case before it left them, which can cost it a few percent
+    after a slow case with a large footprint; in a fixed order the same case
+    would always pay.
+
     ``setup[name]``, when given, runs untimed before each run of that case
     (for example to restore gradients that a case clips in place).
     """
     setup = setup or {}
     times: dict[str, list[float]] = {name: [] for name in cases}
+    names, order = list(cases), random.Random(0)
     for round_ in range(repeats + 1):  # round 0 warms up
-        for name, fn in cases.items():
+        order.shuffle(names)
+        for name in names:
+            fn = cases[name]
             if name in setup:
                 setup[name]()
             start = time.perf_counter()
