@@ -17,6 +17,8 @@ FLOAT64_BYTES = 8
 
 def is_concrete_number(value: Any) -> bool:
     """A host number we can inspect without a device sync (not an array)."""
+    if type(value) in (float, int):  # the common case, without the ABC check (~0.2 ms cold)
+        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 

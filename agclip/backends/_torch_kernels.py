@@ -175,11 +175,11 @@ class TorchKernels(Kernels):
 
     def host_scalar(self, x: Any) -> float | None:
         if x.is_cpu and x.dtype == torch.float64 and x.ndim == 0 and not x.requires_grad:
-            return float(x.item())
+            return float(x)
         return None
 
     def from_host(self, value: float, like: Any) -> Any:
-        return torch.tensor(value, dtype=like.dtype, device=like.device)
+        return torch.full((), value, dtype=like.dtype, device=like.device)
 
     def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
         if keep.is_cpu:
@@ -188,7 +188,7 @@ class TorchKernels(Kernels):
 
     def scale_(self, batch: Batch, factor: Any) -> None:
         """In place; on CPU no pass at all when the factor is exactly 1."""
-        if factor.is_cpu and factor.item() == 1:
+        if factor.is_cpu and float(factor) == 1:
             return
         for group in batch.groups:
             device = group[0].device
