@@ -263,3 +263,72 @@ def test_torch_cpu_gram_path_needs_mkl(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.backends.mkl, "is_available", lambda: False)
     _assert_exact_sum_of_squares(k)
     assert calls[0] == 0
+
+
+def test_torch_host_scalar_is_only_for_plain_cpu_float64() -> None:
+    """The pipeline does its 0-d arithmetic in Python floats only where that is
+    exact and invisible: float64, on the CPU, outside autograd."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import torch as compat_torch
+
+    k = kernels_for(compat_torch)
+    assert k.host_scalar(torch.tensor(2.5, dtype=torch.float64)) == 2.5
+    for other in (
+        torch.tensor(2.5),  # float32: its arithmetic would round differently
+        torch.tensor(2.5, dtype=torch.float64, requires_grad=True),
+        torch.tensor([2.5], dtype=torch.float64),
+        torch.empty((), dtype=torch.float64, device="meta"),
+    ):
+        assert k.host_scalar(other) is None, other
+
+
+def test_torch_host_path_equals_array_path() -> None:
+    """Root, range check and clip coefficient computed as Python floats give the
+    array path's values bit for bit (p=1, 2) or to the last digits (other p)."""
+    torch = pytest.importorskip("torch")
+    from array_api_compat import torch as compat_torch
+
+    from agclip._pipeline import clip_coefficient, total_norm
+
+    fast = kernels_for(compat_torch)
+
+    class ArraysOnly(type(fast)):  # type: ignore[misc]
+        def host_scalar(self, x: Any) -> float | None:
+            return None
+
+    arrays = ArraysOnly(compat_torch)
+    rng = np.random.default_rng(7)
+    leaf_sets = [
+        [torch.from_numpy(rng.standard_normal(n)).float() for n in (3, 70_000, 300_000)],
+        [torch.zeros(10), torch.zeros(3, 3)],
+        [torch.full((5,), 1e-30)],  # under the range: the guard recomputes
+        [torch.full((10,), 1e20)],  # squares overflow float32: the guard recomputes
+    ]
+    for leaves in leaf_sets:
+        for p in (1.0, 2.0, 3.0):
+            want = float(total_norm(arrays, arrays.prepare(leaves), p))
+            got = float(total_norm(fast, fast.prepare(leaves), p))
+            assert math.isclose(got, want, rel_tol=0 if p in (1.0, 2.0) else 1e-15), (p, got, want)
+    for norm in (0.0, 1e-300, 0.5, 1.0, 3.0, 1e300, math.inf, math.nan):
+        for max_norm in (0.0, 1.0, 1e300):
+            for eps in (0.0, 1e-6):
+                value = torch.tensor(norm, dtype=torch.float64)
+                want = float(clip_coefficient(arrays, value, max_norm, eps))
+                got = float(clip_coefficient(fast, value, max_norm, eps))
+                assert got == want or (math.isnan(got) and math.isnan(want)), (norm, max_norm, eps)
+
+
+def test_torch_norm_stays_differentiable_through_the_host_path() -> None:
+    """Tensors that require grad keep the array path, whose root has a finite
+    derivative at 0."""
+    torch = pytest.importorskip("torch")
+    import agclip
+
+    zeros = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    agclip.global_norm([zeros]).backward()
+    assert zeros.grad is not None
+    assert torch.equal(zeros.grad, torch.zeros(5, dtype=torch.float64))
+    values = torch.tensor([3.0, 4.0], dtype=torch.float64, requires_grad=True)
+    agclip.global_norm([values]).backward()
+    assert values.grad is not None
+    assert torch.allclose(values.grad, torch.tensor([0.6, 0.8], dtype=torch.float64))

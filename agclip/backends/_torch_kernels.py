@@ -143,11 +143,15 @@ class TorchKernels(Kernels):
             else:
                 row_blocks.append(body.view(rows, BLOCK))
         parts = [self._cpu_sum([tensor.contiguous()], p, acc) for tensor in copies]
-        norms = [torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))] if small else []
-        norms += [torch.linalg.vector_norm(rows, p, dim=1, dtype=rows_dtype) for rows in row_blocks]
+        if small:  # first: little to read, and torch's code is still in cache
+            norms = torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))
+            parts.append(norms.to(acc).pow(p).sum())
+        row_norms = [
+            torch.linalg.vector_norm(rows, p, dim=1, dtype=rows_dtype) for rows in row_blocks
+        ]
         grams = [torch.bmm(view, transposed) for view, transposed in pairs]
-        if norms:
-            parts.append(torch.cat(norms).to(acc).pow(p).sum())
+        if row_norms:
+            parts.append(torch.cat(row_norms).to(acc).pow(p).sum())
         if grams:  # the diagonals: the rows' sums of squares
             parts.append(torch.cat(grams).diagonal(dim1=1, dim2=2).sum(dtype=acc))
         return sum(parts[1:], parts[0])
