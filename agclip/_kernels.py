@@ -19,6 +19,8 @@ The contract, in one place:
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
 ``select``             value if keep else fallback() (the guard's branch)
+``host_scalar``        a 0-d float64 array as a Python float where that is free and exact
+``from_host``          a Python float as a 0-d array like another
 ``on_device_of``       an array moved to another array's device
 ``placement``          keyword arguments creating an array on another's device
 ``run``                run the array work of one call (JAX: compiled, cached)
