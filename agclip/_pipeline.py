@@ -142,6 +142,8 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
 
 
 def _numbers(*values: Any) -> bool:
+    """Python ints and floats only (not ``is_concrete_number``): a NumPy float32
+    scalar would make the host arithmetic round in float32."""
     return all(isinstance(value, (int, float)) for value in values)
 
 

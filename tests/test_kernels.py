@@ -318,7 +318,7 @@ def test_torch_host_path_equals_array_path() -> None:
                 assert got == want or (math.isnan(got) and math.isnan(want)), (norm, max_norm, eps)
 
 
-def test_torch_norm_stays_differentiable_through_the_host_path() -> None:
+def test_torch_tensors_that_require_grad_keep_the_array_path() -> None:
     """Tensors that require grad keep the array path, whose root has a finite
     derivative at 0."""
     torch = pytest.importorskip("torch")
