@@ -6,14 +6,20 @@ users the interface their ecosystem expects. ``import agclip`` imports no
 framework.
 """
 
-from ._adaptive import adaptive_grad_clip
+from ._adagc import ADAGC, AdaGCState
+from ._agc import adaptive_grad_clip
+from ._autoclip import AUTOCLIP, AutoClipState
 from ._clip import clip_by_global_norm, clip_by_norm, clip_by_value, global_norm
 from ._finite import all_finite, nonfinite_paths, zero_nonfinite
-from ._rule_api import adagc, adagc_init, autoclip, autoclip_init, zclip, zclip_init
-from ._rules import AdaGCState, AutoClipState, ZClipState
+from ._rule_front import functional_front
 from ._typing import Array, ArrayTree, Scalar
+from ._zclip import ZCLIP, ZClipState
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+zclip_init, zclip = functional_front(ZCLIP)
+autoclip_init, autoclip = functional_front(AUTOCLIP)
+adagc_init, adagc = functional_front(ADAGC)
 
 __all__ = [
     "AdaGCState",

@@ -17,8 +17,6 @@ FLOAT64_BYTES = 8
 
 def is_concrete_number(value: Any) -> bool:
     """A host number we can inspect without a device sync (not an array)."""
-    if type(value) in (float, int):  # the common case, without the ABC check (~0.2 ms cold)
-        return True
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
@@ -92,13 +90,13 @@ def _host_number(value: Any) -> float | None:
     return host_value(value) if _is_0d_array(value) else None
 
 
-def check_eps(value: Any) -> Any:
-    """Validate ``eps``: a finite number >= 0 (host values checked, tracers passed)."""
+def check_eps(value: Any, name: str = "eps") -> Any:
+    """Validate an epsilon: a finite number >= 0 (host values checked, tracers passed)."""
     number = _host_number(value)
     if number is None and _is_0d_array(value):
         return value  # a traced or device 0-d array (optax.inject_hyperparams)
     if number is None or not math.isfinite(number) or number < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(number)
 
 
@@ -173,6 +171,11 @@ def leaf_namespace(leaves: Sequence[Any], paths: Sequence[str]) -> ModuleType | 
     xp = None
     first_path = ""
     for leaf, path in zip(leaves, paths, strict=True):
+        if isinstance(leaf, np.ma.MaskedArray):
+            raise TypeError(
+                f"leaf {path} is a masked array: its mask would be ignored; pass "
+                "leaf.filled(0) (or the values that should count)"
+            )
         try:
             leaf_xp = array_namespace(leaf)
         except TypeError:
@@ -194,3 +197,18 @@ def leaf_namespace(leaves: Sequence[Any], paths: Sequence[str]) -> ModuleType | 
             )
         check_precision(leaf.dtype, f"leaf {path}")
     return xp
+
+
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """One of ``allowed`` (any case)."""
+    chosen = value.lower() if isinstance(value, str) else value
+    if chosen not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return str(chosen)
+
+
+def check_flag(name: str, value: Any) -> Any:
+    """A bool, or a 0-d array (a flag injected under ``optax.inject_hyperparams``)."""
+    if isinstance(value, bool) or _is_0d_array(value):
+        return value
+    raise TypeError(f"{name} must be a bool, got {value!r}")

@@ -18,9 +18,8 @@ The contract, in one place:
 ``sum_of_powers``      sum(|x * scale|**p) over the batch (times each group's weight)
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
-``select``             value if keep else fallback() (the guard's branch)
-``host_scalar``        a 0-d float64 array as a Python float where that is free and exact
-``from_host``          a Python float as a 0-d array like another
+``peek``               a 0-d array's value where reading it is free (host, untraced)
+``select``             value() if keep else fallback() (the guard's branch)
 ``on_device_of``       an array moved to another array's device
 ``placement``          keyword arguments creating an array on another's device
 ``run``                run the array work of one call (JAX: compiled, cached)
@@ -191,24 +190,19 @@ class Kernels:
         """``fn(self, *arrays, **static)``; JAX compiles it (once per options and shapes)."""
         return fn(self, *arrays, **static)
 
-    def host_scalar(self, x: Any) -> float | None:
-        """The 0-d float64 array ``x`` as a Python float, where reading it is free
-        and loses nothing (host memory; nothing traces or differentiates it);
-        ``None`` elsewhere. The generic kernels keep every value an array."""
+    def peek(self, x: Any) -> float | None:
+        """The value of the 0-d array ``x`` where reading it costs nothing (host
+        memory, not traced, not compiled); ``None`` elsewhere. It only steers
+        control flow (skip a pass, take a branch), never the arithmetic."""
         return None
 
-    def from_host(self, value: float, like: Any) -> Any:
-        """``value`` as a 0-d array of ``like``'s dtype, on its device."""
-        return self.xp.asarray(value, dtype=like.dtype, **self.placement(like))
-
-    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
-        """``value`` where the 0-d bool ``keep`` holds, else ``fallback()``.
-
-        Branch-free generic version (both are computed); backends that can
-        branch cheaply (host values, ``lax.cond``) compute ``fallback`` only
-        when it is needed.
-        """
-        return self.xp.where(keep, value, fallback())
+    def select(self, keep: Any, value: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        """``value()`` where the 0-d bool ``keep`` holds, else ``fallback()``: one branch
+        when ``keep`` can be read for free, else both computed (``where``)."""
+        known = self.peek(keep)
+        if known is not None:
+            return value() if known else fallback()
+        return self.xp.where(keep, value(), fallback())
 
     # -- scaling ----------------------------------------------------------
     def scale(self, batch: Batch, factor: Any) -> list[Any]:

@@ -1,29 +1,30 @@
-"""The math, written once over the kernel contract.
+"""The math, written once over the kernel contract, as plain steps that callers compose:
 
-:func:`clip_by_total_norm` is *the* pipeline: total norm -> coefficient ->
-scale, functional or in place, with the cross-device / cross-rank reduction
-as a parameter. The functional core, the NumPy and PyTorch adapters and the
-JAX transforms all call it; the per-leaf, value and finite operations sit
-beside it. Everything here takes validated arguments and a :class:`Batch`
-(or leaves) and is safe to trace under ``jax.jit``.
+    norm = total_norm(k, batch, p, reduce)     # accurate, overflow- and underflow-safe
+    factor = clip_coefficient(k, norm, max_norm, eps)   # or a rule's (``_rule``)
+    leaves = apply_factor(k, batch, factor, in_place=...)   # or a fused step takes it
+
+The cross-device or cross-rank reduction is a parameter (``Reduction``). The
+per-leaf, value and finite operations of the public functions sit beside them.
+Everything here takes validated arguments and is safe to trace under ``jax.jit``.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._kernels import L2, Batch, Kernels, pow_abs, quiet
+from ._kernels import Batch, Kernels, pow_abs, quiet
 
 
 @dataclass(frozen=True)
 class Reduction:
     """How partial results combine across devices or ranks. This one is local
-    (nothing to combine); the JAX adapter reduces over a named axis. Frozen
-    and hashable: it is a static argument of compiled functions."""
+    (nothing to combine); the JAX adapter reduces over a named axis, the PyTorch
+    one over a process group. Frozen and hashable: a static argument of compiled
+    functions."""
 
     def sum(self, x: Any) -> Any:
         """Combine partial sums of powers."""
@@ -44,9 +45,9 @@ class Reduction:
         return needed_here
 
     def sum_and_count(self, total: Any, count: int) -> tuple[Any, Any]:
-        """Combine partial sums and the element counts behind them. Ranks that hold
-        different amounts of data override this to reduce both in one collective,
-        so that every rank takes the same branch of the range guard."""
+        """Combine partial sums and the element counts behind them (ranks that hold
+        different amounts of data reduce both at once: every rank then takes the same
+        branch of the range guard)."""
         return self.sum(total), count
 
 
@@ -67,8 +68,7 @@ def underflow_floor(size: Any) -> Any:
     A power computed in float32 that falls under float32's normal range keeps
     at most ~2^-149 absolute precision; ``size`` of them can shift the sum by
     ``size * 2^-149``. A sum at least ``size * 2^-122`` is therefore within
-    ~1e-8 of the exact one. (Kernels that compute powers in float64 are even
-    safer; a sum under the floor only costs them a second, rescaled pass.)
+    ~1e-8 of the exact one.
     """
     return size * 2.0**-122  # an empty sum (size 0) is exact: 0 >= 0
 
@@ -81,25 +81,20 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
     check on dtypes, sizes and p) is the result guarded: if it overflowed (not
     finite) or may have underflowed (under ``underflow_floor``), the norm is
     recomputed on inputs divided by their largest magnitude, which can do
-    neither. How the guard branches is the kernels' business (``k.select``).
+    neither. Both branches compute from their inputs inside the branch, so a
+    gradient through the taken one never meets the other's inf or 0.
     """
     xp = k.xp
     acc = k.accumulator(batch)
     if math.isinf(p):
         return reduce.max(k.max_abs(batch, acc))
-    count = batch.size  # before the pass over the data, which evicts the leaves' list
+    count = batch.size  # before the pass over the data
     total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), count)
-    value = k.host_scalar(total)
-    if value is not None and math.isfinite(value) and value >= underflow_floor(count):
-        # In range, on the host: no guard to take, and the root without array
-        # calls (each costs ~10 us on caches that the pass has just emptied).
-        return k.from_host(math.sqrt(value) if p == L2 else value ** (1.0 / p), total)
-    fast = root(k, total, p)
     if not reduce.needs_guard(k.needs_guard(batch, p, acc)):
-        return fast
+        return root(k, total, p)
 
     def rescaled() -> Any:
-        # Non-finite inputs keep the fast result (inf or NaN), as torch does;
+        # Non-finite inputs keep the plain result (inf or NaN), as torch does;
         # all-zero inputs keep 0.
         return by_largest(
             k,
@@ -107,167 +102,74 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
             lambda divisor: root(
                 k, reduce.sum(k.sum_of_powers(batch, p, acc, scale=1.0 / divisor)), p
             ),
-            otherwise=fast,
+            otherwise=lambda: root(k, total, p),
         )
 
     in_range = xp.isfinite(total) & (total >= underflow_floor(count))
-    return k.select(in_range, fast, rescaled)
+    return k.select(in_range, lambda: root(k, total, p), rescaled)
 
 
-def by_largest(k: Kernels, peak: Any, norm_of_scaled: Callable[[Any], Any], otherwise: Any) -> Any:
+def by_largest(
+    k: Kernels, peak: Any, norm_of_scaled: Callable[[Any], Any], otherwise: Callable[[], Any]
+) -> Any:
     """``peak * norm_of_scaled(peak)``: a norm taken on values divided by their largest
-    magnitude ``peak``, so that no power overflows or underflows; ``otherwise`` where
-    ``peak`` is no usable divisor (0, inf or NaN)."""
+    magnitude ``peak``, so that no power overflows or underflows; ``otherwise()``
+    where ``peak`` is no usable divisor (0, inf or NaN)."""
     xp = k.xp
     usable = xp.isfinite(peak) & (peak > 0)
     divisor = xp.where(usable, peak, xp.ones_like(peak))
-    return xp.where(usable, divisor * norm_of_scaled(divisor), otherwise)
+    return k.select(usable, lambda: divisor * norm_of_scaled(divisor), otherwise)
 
 
 def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     """min(1, max_norm / (norm + eps)), branch-free, in the norm's dtype.
 
-    The denominator is floored at the dtype's smallest normal number, so a
-    zero norm with ``eps=0`` gives 1 (or 0 for ``max_norm=0``), never NaN.
-    A finite float64 norm on the host, with numbers for ``max_norm`` and
-    ``eps``, is done in Python floats: the same IEEE operations, no array calls.
+    With ``eps=0`` the denominator is floored at the dtype's smallest normal
+    number, so a zero norm gives 1 (or 0 for ``max_norm=0``), never NaN.
     """
-    value = k.host_scalar(norm)
-    if value is not None and math.isfinite(value) and _numbers(max_norm, eps):
-        return k.from_host(min(1.0, max_norm / max(value + eps, sys.float_info.min)), norm)
     xp = k.xp
-    floor = xp.full_like(norm, float(xp.finfo(norm.dtype).smallest_normal))
-    with quiet():  # max_norm / floor may overflow to inf, which min() turns into 1
-        return xp.minimum(xp.ones_like(norm), max_norm / xp.maximum(norm + eps, floor))
+    denominator = norm + eps
+    if not (isinstance(eps, (int, float)) and eps > 0):  # eps may be 0, or traced
+        tiny = float(xp.finfo(norm.dtype).smallest_normal)
+        denominator = xp.maximum(denominator, xp.full_like(norm, tiny))
+    with quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
+        return xp.clip(max_norm / denominator, max=1.0)
 
 
-def _numbers(*values: Any) -> bool:
-    """Python ints and floats only (not ``is_concrete_number``): a NumPy float32
-    scalar would make the host arithmetic round in float32."""
-    return all(isinstance(value, (int, float)) for value in values)
+def needs_scaling(k: Kernels, factor: Any) -> bool:
+    """False only where the factor is known, for free, to be exactly 1: then there is
+    nothing to clip and no pass over the gradients at all."""
+    return k.peek(factor) != 1.0
 
 
 def apply_factor(k: Kernels, batch: Batch, factor: Any, *, in_place: bool) -> list[Any]:
     """The batch times ``factor``: new leaves, or the batch's own leaves scaled in place."""
-    if in_place:
+    if not in_place:
+        return k.scale(batch, factor)
+    if needs_scaling(k, factor):
         k.scale_(batch, factor)
-        return batch.leaves
-    return k.scale(batch, factor)
+    return batch.leaves
 
 
-def scale_by_norm(
-    k: Kernels, batch: Batch, norm: Any, max_norm: Any, eps: Any, *, in_place: bool
+def apply_per_unit(
+    k: Kernels, units: Sequence[Batch], factors: Any, *, in_place: bool
 ) -> list[Any]:
-    """Scale the batch by the coefficient for ``norm``: new leaves, or the batch's
-    own leaves scaled in place."""
-    return apply_factor(k, batch, clip_coefficient(k, norm, max_norm, eps), in_place=in_place)
-
-
-def clip_by_total_norm(
-    k: Kernels,
-    batch: Batch,
-    max_norm: Any,
-    eps: Any,
-    *,
-    p: float,
-    in_place: bool = False,
-    reduce: Reduction = LOCAL,
-    check: Callable[[Any], None] | None = None,
-    hand_over: Callable[[Any, Any], None] | None = None,
-    norm_divisor: Any = None,
-) -> tuple[list[Any], Any]:
-    """The pipeline: total norm -> ``check(norm)`` -> coefficient -> scale.
-
-    Returns the clipped leaves (new arrays, or the batch's own leaves when
-    ``in_place``) and the pre-clip norm in the accumulator dtype. ``check``
-    runs between the norm and the first write: an error it raises leaves
-    every leaf untouched. ``hand_over(coefficient, norm)``, when given,
-    receives the coefficient instead of the leaves being scaled (a fused
-    optimizer step applies it). ``norm_divisor`` divides the norm first (the
-    loss scale of gradients that are still scaled).
-    """
-    norm = total_norm(k, batch, p, reduce)
-    if norm_divisor is not None:
-        norm = norm / norm_divisor
-    if check is not None:
-        check(norm)
-    return _finish(k, batch, clip_coefficient(k, norm, max_norm, eps), norm, in_place, hand_over)
-
-
-def _finish(
-    k: Kernels,
-    batch: Batch,
-    factor: Any,
-    norm: Any,
-    in_place: bool,
-    hand_over: Callable[[Any, Any], None] | None,
-) -> tuple[list[Any], Any]:
-    if hand_over is not None:
-        hand_over(factor, norm)
-        return batch.leaves, norm
-    return apply_factor(k, batch, factor, in_place=in_place), norm
-
-
-def clip_by_rule(
-    k: Kernels,
-    batch: Batch,
-    rule: Callable[[Any, Any], tuple[Any, Any]],
-    state: Any,
-    eps: Any,
-    *,
-    p: float,
-    in_place: bool = False,
-    reduce: Reduction = LOCAL,
-    check: Callable[[Any], None] | None = None,
-    hand_over: Callable[[Any, Any], None] | None = None,
-) -> tuple[list[Any], Any, Any]:
-    """The pipeline with an adaptive threshold: total norm -> ``check(norm)`` ->
-    ``rule(norm, state)`` gives the threshold and the new state -> coefficient -> scale.
-
-    A non-finite norm gets coefficient 1: the leaves pass unchanged (scaling
-    them could only turn inf into NaN), and a hand-over's step is skipped.
-    Returns the leaves, the pre-clip norm (accumulator dtype) and the new state.
-    """
-    xp = k.xp
-    norm = total_norm(k, batch, p, reduce)
-    if check is not None:
-        check(norm)
-    max_norm, state = rule(norm, state)
-    factor = clip_coefficient(k, norm, xp.astype(max_norm, norm.dtype), eps)
-    factor = xp.where(xp.isfinite(norm), factor, xp.ones_like(factor))
-    leaves, norm = _finish(k, batch, factor, norm, in_place, hand_over)
-    return leaves, norm, state
-
-
-def clip_by_tensor_rule(
-    k: Kernels,
-    units: Sequence[tuple[Batch, Reduction]],
-    rule: Callable[[Any, Any, Any], tuple[Any, Any, Callable[[Any], Any]]],
-    state: Any,
-    eps: Any,
-    *,
-    p: float,
-    in_place: bool = False,
-    check: Callable[[Any], None] | None = None,
-) -> tuple[list[Any], Any]:
-    """Per-tensor adaptive clipping: each unit's norm (a tensor, with the reduction
-    that makes it global) and their total -> ``check(total)`` -> ``rule(norms,
-    total, state)`` gives a threshold for the total, one per unit, and the state
-    update -> each unit scaled by the product of its two coefficients (1 when
-    the total is not finite). Returns the leaves and the new state."""
-    xp = k.xp
-    norms = k.stack([total_norm(k, batch, p, reduce) for batch, reduce in units])
-    total = norm_of_norms(k, norms, p)
-    if check is not None:
-        check(total)
-    for_total, for_each, update = rule(norms, total, state)
-    factors = clip_coefficient(k, total, xp.astype(for_total, total.dtype), eps)
-    factors = factors * clip_coefficient(k, norms, xp.astype(for_each, norms.dtype), eps)
-    factors = xp.where(xp.isfinite(total), factors, xp.ones_like(factors))
+    """Each unit (a batch) times its own entry of ``factors``."""
     leaves = []
-    for index, (batch, _) in enumerate(units):
-        leaves += apply_factor(k, batch, factors[index], in_place=in_place)
-    return leaves, update(factors)
+    for index, unit in enumerate(units):
+        leaves += apply_factor(k, unit, factors[index], in_place=in_place)
+    return leaves
+
+
+def units_of(k: Kernels, leaves: Sequence[Any], reduce: Reduction = LOCAL) -> list[Batch]:
+    """One batch per leaf, each weighted as ``reduce`` weights it among all leaves."""
+    batch = reduce.prepare(k, leaves)
+    if not batch.weights:
+        return [k.prepare([leaf]) for leaf in leaves]
+    return [
+        Batch([leaf], [[leaf]], [weight])
+        for leaf, weight in zip(leaves, batch.weights, strict=True)
+    ]
 
 
 def norm_of_norms(k: Kernels, norms: Any, p: float) -> Any:
@@ -279,7 +181,10 @@ def norm_of_norms(k: Kernels, norms: Any, p: float) -> Any:
         return peak
     with quiet():
         return by_largest(
-            k, peak, lambda divisor: root(k, xp.sum(pow_abs(xp, norms / divisor, p)), p), peak
+            k,
+            peak,
+            lambda divisor: root(k, xp.sum(pow_abs(xp, norms / divisor, p)), p),
+            lambda: peak,
         )
 
 
@@ -297,7 +202,8 @@ def clip_leaves_by_global_norm(
 ) -> tuple[list[Any], Any]:
     """New clipped leaves and the pre-clip norm in the result dtype."""
     batch = reduce.prepare(k, leaves)
-    clipped, norm = clip_by_total_norm(k, batch, max_norm, eps, p=p, reduce=reduce)
+    norm = total_norm(k, batch, p, reduce)
+    clipped = apply_factor(k, batch, clip_coefficient(k, norm, max_norm, eps), in_place=False)
     return clipped, k.xp.astype(norm, k.result_dtype(batch))
 
 
@@ -305,7 +211,9 @@ def clip_each_leaf(
     k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float
 ) -> list[Any]:
     """Each leaf clipped by its own norm."""
-    return [clip_by_total_norm(k, k.prepare([leaf]), max_norm, eps, p=p)[0][0] for leaf in leaves]
+    units = [k.prepare([leaf]) for leaf in leaves]
+    factors = [clip_coefficient(k, total_norm(k, unit, p), max_norm, eps) for unit in units]
+    return [k.scale(unit, factor)[0] for unit, factor in zip(units, factors, strict=True)]
 
 
 def clip_leaves_by_value(k: Kernels, leaves: list[Any], clip_value: Any) -> list[Any]:

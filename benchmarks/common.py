@@ -23,6 +23,16 @@ def gpt2_small_shapes() -> list[tuple[int, ...]]:
     return shapes
 
 
+def nanogpt_shapes(layers: int = 4, d: int = 128, vocab: int = 65, ctx: int = 64):
+    """The 52 parameter shapes of a nanoGPT-sized character model (809,856 values; the
+    head tied to the token embedding): where a call's fixed cost shows."""
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,)]  # ln_1, attn
+        shapes += [(d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]  # ln_2, mlp
+    return [*shapes, (d,), (d,)]  # ln_f
+
+
 def llama_1b_shapes() -> list[tuple[int, ...]]:
     """The 146 parameter shapes of Llama-3.2-1B (1,235,814,400 values, tied embedding):
     a model that fills an H100-class GPU's bandwidth, too large for the CPU runs."""
@@ -84,8 +94,19 @@ def interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def cpu_model() -> str:
+    """The processor's model name (speed tuned on one CPU may not hold on another)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     import os
 
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}"

@@ -73,6 +73,8 @@ TARGETS = [
     _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="clip + fused step"),
     _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="fused step, nothing to clip"),
     _t("torch", 1.10, device="cpu", shapes="2000 x 1000"),
+    # A small model: the fixed cost of a call, against torch's own clip.
+    _t("torch", 0.80, "torch", device="cpu", shapes="nanoGPT (0.81M)"),
     _t("torch", 1.00, "torch", device="cuda"),
     _t("jax", 1.05, case="both jitted"),
     _t("jax", 1.30, case="agclip eager vs optax jit"),

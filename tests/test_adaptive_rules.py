@@ -244,7 +244,7 @@ def test_adagc_never_silences_a_tensor_that_had_zero_gradients_in_warm_up() -> N
         _, state = agclip.adagc([np.zeros(3), np.ones(2)], state, warmup_steps=3)
     clipped, state = agclip.adagc([np.full(3, 0.5), np.ones(2)], state, warmup_steps=3)
     np.testing.assert_allclose(clipped[0], 0.5)  # kozistr's version keeps gamma 0: zeroes it
-    assert float(state.gamma[0]) == pytest.approx(math.sqrt(3) * 0.5)
+    assert float(state.gamma["[0] (3,)"]) == pytest.approx(math.sqrt(3) * 0.5)
 
 
 # -- argument checks ---------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_bad_history_is_an_error_naming_it() -> None:
 def test_skip_update_on_spike_must_be_a_bool() -> None:
     grads = [np.ones(3)]
     with pytest.raises(TypeError, match="skip_update_on_spike"):
-        agclip.zclip(grads, agclip.zclip_init(grads), skip_update_on_spike="yes")  # type: ignore[arg-type]
+        agclip.zclip(grads, agclip.zclip_init(grads), skip_update_on_spike="yes")
 
 
 # -- PyTorch: the zclip package, the AutoClip paper, robustness, meta, checkpoints ----
@@ -352,9 +352,9 @@ def test_zclip_survives_the_nan_and_inf_norms_that_break_the_zclip_package() -> 
 
     ours, theirs = _model(), _model()
     clip_ours, clip_theirs = ZClip(warmup_steps=5), zclip.ZClip(warmup_steps=5, max_grad_norm=None)
-    for _ in range(10):
+    for value in [0.01, 0.011] * 5:
         for model, clip in ((ours, clip_ours), (theirs, clip_theirs)):
-            grads_of(model, 0.01)
+            grads_of(model, value)
             clip.step(model)
     typical = float(clip_ours.state.mean)
     for model, clip in ((ours, clip_ours), (theirs, clip_theirs)):
@@ -364,16 +364,17 @@ def test_zclip_survives_the_nan_and_inf_norms_that_break_the_zclip_package() -> 
         clip.step(model)
     spiked_ours = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in ours.parameters()))
     spiked_theirs = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in theirs.parameters()))
-    assert spiked_theirs == pytest.approx(50 * typical, rel=1e-5)  # the package: unclipped
+    size = sum(p.numel() for p in theirs.parameters())
+    assert spiked_theirs == pytest.approx(0.5 * math.sqrt(size), rel=1e-5)  # unclipped
     assert spiked_ours < 1.5 * typical  # agclip: clipped near the mean
     assert int(clip_ours.state.nonfinite) == 1
     assert math.isfinite(float(clip_ours.state.mean))
 
     # An inf norm, on fresh statistics: the package clips to the mean, inf * 0 = NaN.
     clip_ours, clip_theirs = ZClip(warmup_steps=5), zclip.ZClip(warmup_steps=5, max_grad_norm=None)
-    for value in [0.01] * 10 + [math.inf]:
+    for index, value in enumerate([0.01] * 10 + [math.inf]):
         for model, clip in ((ours, clip_ours), (theirs, clip_theirs)):
-            grads_of(model, 0.01)
+            grads_of(model, 0.01 + 0.001 * (index % 2))
             next(model.parameters()).grad[0, 0] = value
             clip.step(model)
     assert any(bool(p.grad.isnan().any()) for p in theirs.parameters())
@@ -438,7 +439,15 @@ def test_torch_rules_read_nothing_on_the_host(rule: str) -> None:
             param.grad = torch.ones_like(param)
         assert clip.step(model).device.type == "meta"
         assert callback.on_after_backward().device.type == "meta"
-    assert all(t.device.type == "meta" for t in clip.state)
+    assert all(t.device.type == "meta" for t in _tensors(clip.state))
+
+
+def _tensors(state: Any) -> list[Any]:
+    """The state's tensors, those of per-tensor fields (dicts) included, in order."""
+    out = []
+    for value in state:
+        out += list(value.values()) if isinstance(value, dict) else [value]
+    return out
 
 
 @pytest.mark.parametrize("rule", ["ZClip", "AutoClip", "AdaGC"])
@@ -468,7 +477,7 @@ def test_state_round_trips_through_a_checkpoint(rule: str) -> None:
         resumed.step(resumed_model)
         for a, b in zip(first.parameters(), resumed_model.parameters(), strict=True):
             assert torch.equal(a.grad, b.grad), step
-    for a, b in zip(clip.state, resumed.state, strict=True):
+    for a, b in zip(_tensors(clip.state), _tensors(resumed.state), strict=True):
         assert torch.equal(a, b)
 
 
@@ -507,19 +516,25 @@ def test_the_callback_takes_a_rule_and_counts_its_clips() -> None:
     torch = pytest.importorskip("torch")
     from agclip.backends.torch import AdaGC, GradientClipCallback, ZClip
 
-    for make in (lambda: ZClip(warmup_steps=3), lambda: AdaGC(warmup_steps=3)):
+    makers: list[Callable[[], Any]] = [lambda: ZClip(warmup_steps=3), lambda: AdaGC(warmup_steps=3)]
+    for make in makers:
         alone, inside = _model(), _model()
         rule = make()
         callback = GradientClipCallback(max_norm=make())
         callback.set_model(inside)
         generator = torch.Generator().manual_seed(4)
+        changed = 0  # steps in which the rule alone changed some gradient
         for step in range(30):
             _backward([alone, inside], step, generator)
+            before = [p.grad.clone() for p in alone.parameters()]
             want = rule.step(alone)
+            changed += any(
+                not torch.equal(p.grad, b) for p, b in zip(alone.parameters(), before, strict=True)
+            )
             assert torch.equal(callback.on_after_backward(), want)
             for a, b in zip(alone.parameters(), inside.parameters(), strict=True):
                 assert torch.equal(a.grad, b.grad), step
-        assert callback.clipped_steps == int(rule.state.spikes) > 0
+        assert callback.clipped_steps == changed >= int(rule.state.spikes) > 0
 
 
 def test_a_rule_through_the_callback_skips_a_fused_step_on_a_nan_norm() -> None:
@@ -528,23 +543,31 @@ def test_a_rule_through_the_callback_skips_a_fused_step_on_a_nan_norm() -> None:
 
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
-    callback = GradientClipCallback(max_norm=ZClip(warmup_steps=2), optimizer=optimizer)
+    callback = GradientClipCallback(max_norm=ZClip(warmup_steps=2))
     callback.set_model(model)
     generator = torch.Generator().manual_seed(5)
     for step in range(4):
         _backward([model], step, generator)
-        callback.on_after_backward()
-        optimizer.step()
+        callback.clip_and_step(optimizer)
     before = [p.detach().clone() for p in model.parameters()]
+    state = {key: dict(value) for key, value in optimizer.state_dict()["state"].items()}
     _backward([model], 0, generator)
     next(model.parameters()).grad[0, 0] = math.nan
     with pytest.warns(agclip.backends.torch.NonFiniteGradientWarning):
-        callback.on_after_backward()
-    optimizer.step()
+        callback.clip_and_step(optimizer)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before, strict=True))
+    after = optimizer.state_dict()["state"]
+    assert all(
+        torch.equal(after[i][name], value) for i in state for name, value in state[i].items()
+    )
 
 
 # -- JAX: optax transforms ------------------------------------------------------------
+def _largest(threshold: Any) -> float:
+    values = threshold.values() if isinstance(threshold, dict) else [threshold]
+    return max(float(np.max(np.asarray(value))) for value in values)
+
+
 def _jax_transforms() -> dict[str, Any]:
     from agclip.backends import jax as agj
 
@@ -573,9 +596,7 @@ def test_optax_transforms_compile_once_and_match_the_functional_rule(rule: str) 
         for got, expected in zip(out, want, strict=True):
             np.testing.assert_allclose(np.asarray(got), expected, rtol=2e-6, atol=1e-7)
         assert float(state.norm) == pytest.approx(float(functional.norm), rel=1e-6, nan_ok=True)
-        assert float(np.max(state.threshold)) == pytest.approx(
-            float(np.max(functional.threshold)), rel=2e-6
-        )
+        assert _largest(state.threshold) == pytest.approx(_largest(functional.threshold), rel=2e-6)
     assert update._cache_size() == 1  # spikes and NaN steps included: one compilation
 
 
@@ -595,10 +616,11 @@ def test_zclip_works_under_inject_hyperparams_with_a_schedule() -> None:
     # inject_hyperparams state is uncommitted at init, which alone costs a recompile.
     state = jax.device_put(tx.init({"w": jnp.zeros(4)}), jax.devices()[0])
     update = jax.jit(tx.update)
-    for scale in [1.0] * 8 + [50.0]:
+    for scale in [1.0, 1.2] * 4 + [50.0]:
         out, state = update({"w": jnp.full(4, scale)}, state)
     assert int(state.inner_state.spikes) == 1
-    assert float(jnp.linalg.norm(out["w"])) == pytest.approx(2.0, rel=1e-5)
+    # clipped near the mean norm (2.0 and 2.4 alternate): mean + z_thresh**2 * std / z
+    assert 2.0 < float(jnp.linalg.norm(out["w"])) < 2.6
     assert update._cache_size() == 1
 
 
@@ -625,7 +647,7 @@ def test_zclip_composes_with_apply_if_finite() -> None:
 
     tx = optax.chain(apply_if_finite(zclip(warmup_steps=3), 2), optax.sgd(1.0))
     state = tx.init({"w": jnp.zeros(4)})
-    for scale in [1.0] * 5 + [math.nan, 50.0]:
+    for scale in [1.0, 1.2, 1.0, 1.2, 1.0, math.nan, 50.0]:
         out, state = tx.update({"w": jnp.full(4, scale)}, state)
         if math.isnan(scale):
             assert float(jnp.abs(out["w"]).max()) == 0.0  # the step is skipped

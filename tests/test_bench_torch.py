@@ -22,16 +22,25 @@ def test_a_gpu_times_a_1b_parameter_model_and_the_cpu_does_not() -> None:
     assert sum(math.prod(shape) for shape in cuda["Llama-3.2-1B"]) == 1_235_814_400
     assert "Llama-3.2-1B" not in cpu
     assert cpu.keys() <= cuda.keys()
-    assert [bench.memory_bound(shapes) for shapes in cuda.values()] == [True, False, True]
+    assert [bench.memory_bound(shapes) for shapes in cuda.values()] == [True, False, False, True]
+    assert sum(math.prod(shape) for shape in cpu["nanoGPT (0.81M)"]) == 809_856
+    assert len(cpu["nanoGPT (0.81M)"]) == 52
 
 
 def test_memory_bound_sets_time_both_cases_against_the_floor() -> None:
     report = Report("torch")
-    rows = bench.run_cases(report, "cpu", 1, {"stand-in": STAND_IN, "small": [(1000,)] * 3})
+    sets: dict[str, list[tuple[int, ...]]] = {
+        "stand-in": STAND_IN,
+        "small": [(1000,)] * 3,
+        "2000 x 1000": [(10,)] * 3,
+    }
+    rows = bench.run_cases(report, "cpu", 1, sets)
     assert [row[1:3] for row in rows] == [
         ["stand-in", "clipping"],
         ["stand-in", "no clipping"],
         ["small", "clipping"],
+        ["small", "no clipping"],
+        ["2000 x 1000", "clipping"],
     ]
     against = [(r["case"]["shapes"], r["case"]["case"], r["against"]) for r in report.ratios]
     assert ("stand-in", "no clipping", "memory floor") in against

@@ -35,7 +35,7 @@ def test_example_runs(
 
 
 MODULES = {
-    "agclip._adaptive": None,
+    "agclip._agc": None,
     "agclip._clip": None,
     "agclip._finite": None,
     "agclip.backends.numpy": None,

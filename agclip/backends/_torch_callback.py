@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .._kernels import Batch
-from .._pipeline import clip_by_total_norm
+from .._kernels import Batch, Kernels
 from .._typing import Scalar
+from ._torch_clip import Decision, FixedThreshold, clip_then_step
 from ._torch_distributed import distributed_batch
-from ._torch_fused import hand_over_to
 from ._torch_grads import (
-    EPS,
     Labels,
     collect_grads,
     empty_norm,
+    grad_names,
     kernels,
     nonfinite_labels,
     norm_type_arg,
     raise_if_nonfinite,
-    result_norm,
     threshold,
     unzip_named,
+    warn_at_caller,
+    warn_if_no_gradients,
 )
 from ._torch_rules import AdaptiveRule
 
@@ -37,7 +37,9 @@ class GradientClipCallback:
 
     Call ``set_model`` once, then ``on_after_backward`` after every
     ``loss.backward()`` (after ``scaler.unscale_(optimizer)`` with AMP) and
-    before ``optimizer.step()``.
+    before ``optimizer.step()``; or ``clip_and_step(optimizer)`` instead of both
+    the clip and the step (a fused optimizer then takes the coefficient inside
+    its step: no scale pass).
 
     It is also an early-warning system: when gradients go non-finite it names
     the parameters (``head.weight``) in a ``NonFiniteGradientWarning``, or
@@ -50,11 +52,10 @@ class GradientClipCallback:
     accumulate on the device; reading them syncs, stepping does not.
 
     Args:
-        max_norm: the largest total gradient norm allowed, or an adaptive rule
-            (``ZClip()``, ``AutoClip()``, ``AdaGC()``) that sets the threshold
-            each step; the callback's ``process_group`` and ``optimizer`` then
-            apply, and ``clipped_steps`` counts the steps the rule clipped.
-        norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
+        max_norm: the largest total gradient norm allowed (default 1.0), or an
+            adaptive rule (``ZClip()``, ``AutoClip()``, ``AdaGC()``) that sets the
+            threshold each step; ``clipped_steps`` then counts the steps it clipped.
+        norm_type: 2.0 (default), 1, ``inf`` or any p > 0 (a rule has its own).
         error_if_nonfinite: raise instead of warning on NaN/inf gradients.
         warn_nonfinite: warn on NaN/inf gradients (set False under a
             ``GradScaler``, which expects and skips such steps itself).
@@ -62,8 +63,6 @@ class GradientClipCallback:
         foreach: passed to the scale kernels, as in ``clip_grad_norm_``.
         process_group: as in ``clip_grad_norm_``: the group over which plain
             gradients are partitioned (DTensor gradients need none).
-        optimizer: as in ``clip_grad_norm_``: a fused optimizer applies the
-            coefficient inside its next step (no scale pass here).
 
     Examples:
         >>> import torch
@@ -83,7 +82,7 @@ class GradientClipCallback:
 
     def __init__(
         self,
-        max_norm: Scalar | AdaptiveRule = 5.0,
+        max_norm: Scalar | AdaptiveRule = 1.0,
         norm_type: float | str = 2.0,
         error_if_nonfinite: bool = False,
         *,
@@ -91,20 +90,22 @@ class GradientClipCallback:
         check_every: int = 1,
         foreach: bool | None = None,
         process_group: Any = None,
-        optimizer: Any = None,
     ):
-        self.max_norm = (
-            max_norm if isinstance(max_norm, AdaptiveRule) else threshold("max_norm", max_norm)
+        p = norm_type_arg(norm_type)
+        self.rule: Any = (
+            max_norm
+            if isinstance(max_norm, AdaptiveRule)
+            else FixedThreshold(threshold("max_norm", max_norm), p)
         )
-        self.norm_type = norm_type_arg(norm_type)
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
+        self.max_norm = max_norm
+        self.norm_type = p
         self.error_if_nonfinite = error_if_nonfinite
         self.warn_nonfinite = warn_nonfinite
         self.check_every = check_every
         self.foreach = foreach
         self.process_group = process_group
-        self.optimizer = optimizer
         self._params: list[torch.nn.Parameter] | None = None  # None until set_model
         self._names: list[str] = []
         self.steps = 0
@@ -126,19 +127,60 @@ class GradientClipCallback:
         A step counts once it has succeeded: with ``error_if_nonfinite=True``
         a step that raises leaves ``steps`` and the gradients as they were.
         """
-        if self._params is None:
-            raise RuntimeError("call set_model(model) before on_after_backward()")
+        params = self._model_params()
         k = kernels(self.foreach)
-        grads, labels = collect_grads(k, self._params, self._names)
+        grads, labels = collect_grads(k, params, self._names)
         if not grads and self.process_group is None:
+            warn_if_no_gradients(params)
             self.steps += 1
-            self.last_norm, self.last_clipped = empty_norm(), torch.tensor(False)
-            return self.last_norm
+            return self._record(empty_norm(), torch.tensor(False))
+        decision = self.rule.decide(
+            k,
+            grads,
+            grad_names(params, self._names),
+            self.process_group,
+            check=self._observer(k, grads, labels),
+        )
+        decision.apply(k)
+        return self._recorded(k, decision)
+
+    @torch.no_grad()
+    def clip_and_step(self, optimizer: Any, *, scaler: Any = None) -> torch.Tensor:
+        """Clip the gradients of ``optimizer``'s parameters and take its step, in one
+        call (see ``agclip.backends.torch.clip_and_step``), with this callback's
+        threshold, statistics and warnings. Parameters of the model set with
+        ``set_model`` are named in messages."""
+        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
+        k = kernels(self.foreach)
+        _, decision = clip_then_step(
+            optimizer,
+            self.rule,
+            scaler=scaler,
+            foreach=self.foreach,
+            process_group=self.process_group,
+            check_for=lambda grads, labels: self._observer(k, grads, labels),
+            names_for=lambda params: [
+                names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)
+            ],
+        )
+        if decision is None:
+            self.steps += 1
+            return self._record(empty_norm(), torch.tensor(False))
+        return self._recorded(k, decision)
+
+    def _model_params(self) -> list[Any]:
+        if self._params is None:
+            raise RuntimeError("call set_model(model) before clipping")
+        return self._params
+
+    def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
+        """The check between the norm and the first write: refuse (``error_if_nonfinite``),
+        then count the step and warn about non-finite gradients."""
         # Messages read the local shards: every rank can do that on its own.
-        local, reduce = distributed_batch(k, grads, self.process_group)
+        local, _ = distributed_batch(k, grads, self.process_group)
         refuse = raise_if_nonfinite(k, local, labels) if self.error_if_nonfinite else None
 
-        def observe(norm: torch.Tensor) -> None:  # between the norm and the first write
+        def observe(norm: torch.Tensor) -> None:
             if refuse is not None:
                 refuse(norm)
             self.steps += 1
@@ -146,28 +188,15 @@ class GradientClipCallback:
             if self.warn_nonfinite and self._should_check(norm):
                 self._warn_if_nonfinite(local, labels)
 
-        if isinstance(self.max_norm, AdaptiveRule):
-            norm, clipped = self.max_norm.clip_batch(
-                k, grads, self.process_group, check=observe, optimizer=self.optimizer
-            )
-        else:
-            _, norm = clip_by_total_norm(
-                k,
-                local,
-                self.max_norm,
-                EPS,
-                p=self.norm_type,
-                in_place=True,
-                reduce=reduce,
-                check=observe,
-                hand_over=hand_over_to(self.optimizer, local),
-            )
-            clipped = norm > self.max_norm
-            norm = result_norm(k, norm, local)
-        self.last_clipped = clipped
+        return observe
+
+    def _recorded(self, k: Kernels, decision: Decision) -> torch.Tensor:
+        return self._record(decision.returned_norm(k), decision.clipped())
+
+    def _record(self, norm: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+        self.last_norm, self.last_clipped = norm, clipped
         self._clipped = self._clipped + clipped
-        self.last_norm = norm
-        return self.last_norm
+        return norm
 
     def _should_check(self, norm: torch.Tensor) -> bool:
         return norm.device.type == "cpu" or self.steps % self.check_every == 0
@@ -177,15 +206,14 @@ class GradientClipCallback:
             return
         self._nonfinite = False
         bad = nonfinite_labels(grads, labels) or ["(none at this step; earlier since last check)"]
-        warnings.warn(
+        warn_at_caller(
             f"non-finite gradients at step {self.steps} in: {', '.join(bad)}",
             NonFiniteGradientWarning,
-            stacklevel=3,
         )
 
     @property
     def clipped_steps(self) -> int:
-        """How many steps had a norm above ``max_norm`` (reading it syncs)."""
+        """How many steps clipped (reading it syncs)."""
         return int(self._clipped)
 
     @property

@@ -8,15 +8,16 @@ how many ranks hold an identical copy of that local tensor:
   agclip's own kernels, so no DTensor dispatch and no all-gather. Any number of
   meshes, mixed with plain tensors, is fine;
 - a plain tensor: with ``process_group=P``, distinct on the ranks of ``P``
-  (pipeline stages, FSDP1 or ZeRO shards) and copied across the rest of the
-  world (``world / |P|``); without one, a copy on every rank (DDP, TP's plain
-  modules: ``world``).
+  (pipeline stages, FSDP1 or ZeRO shards: 1); without one, a copy on every
+  rank (DDP, TP's plain modules: ``world``).
 
-The partial sums then meet in one ``all_reduce`` over the default group (it
-covers pipeline stages whose meshes are sub-meshes), together with the
-element count so that every rank takes the same branch of the range guard;
-p=inf reduces by MAX. With neither a DTensor nor a ``process_group`` nothing
-is reduced: DDP gradients are already identical everywhere.
+The partial sums then meet in one ``all_reduce``, together with the element
+count so that every rank takes the same branch of the range guard; p=inf
+reduces by MAX. The group is ``process_group`` when given (whatever ranks
+outside it hold; DTensor meshes must then lie within it), else the default
+group (it covers pipeline stages whose meshes are sub-meshes). With neither a
+DTensor nor a ``process_group`` nothing is reduced: DDP gradients are already
+identical everywhere.
 """
 
 from __future__ import annotations
@@ -68,10 +69,19 @@ class GroupReduction(Reduction):
         return x.device
 
 
-def _size_of(process_group: Any) -> int:
-    if hasattr(process_group, "get_group") and hasattr(process_group, "size"):
-        return int(process_group.size())  # a DeviceMesh: all of its ranks
-    return int(dist.get_world_size(process_group))
+def _group_of(process_group: Any) -> Any:
+    """The ``ProcessGroup`` to reduce over: the one given, or a ``DeviceMesh``'s."""
+    if not hasattr(process_group, "get_group"):
+        return process_group
+    if process_group.ndim == 1:
+        return process_group.get_group()
+    if process_group.size() == dist.get_world_size():
+        return dist.group.WORLD
+    raise ValueError(
+        f"process_group is a {process_group.ndim}-D DeviceMesh of {process_group.size()} of the "
+        f"{dist.get_world_size()} ranks: pass the ProcessGroup over which the gradients are "
+        "distinct (or a 1-D mesh)"
+    )
 
 
 def _dtensor_type() -> Any:
@@ -105,8 +115,7 @@ def distributed_batch(
     tensors, dtensor = batch.leaves, _dtensor_type()
     if process_group is None and not any(isinstance(t, dtensor) for t in tensors):
         return batch, LOCAL  # plain copies on every rank (DDP)
-    world = dist.get_world_size()
-    plain = world // _size_of(process_group) if process_group is not None else world
+    plain = 1 if process_group is not None else dist.get_world_size()
     local, by_replication = [], defaultdict(list)
     for tensor in tensors:
         if isinstance(tensor, dtensor):
@@ -120,4 +129,5 @@ def distributed_batch(
         part = k.prepare(shards).groups
         groups += part
         weights += [1.0 / replication] * len(part)
-    return Batch(local, groups, weights), GroupReduction(dist.group.WORLD)
+    group = _group_of(process_group) if process_group is not None else dist.group.WORLD
+    return Batch(local, groups, weights), GroupReduction(group)

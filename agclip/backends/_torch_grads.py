@@ -3,6 +3,8 @@ batch, labels for messages, and the clear non-finite error."""
 
 from __future__ import annotations
 
+import os
+import sys
 import types
 import warnings
 from collections.abc import Callable, Iterable
@@ -57,6 +59,55 @@ def unzip_named(named: Iterable[tuple[str, Any]]) -> tuple[list[Any], list[str]]
     """``named_parameters()`` pairs as (parameters, names)."""
     pairs = list(named)
     return [param for _, param in pairs], [name for name, _ in pairs]
+
+
+def named_parameters(model: Any) -> tuple[list[Any], list[str] | None]:
+    """The parameters of a module (with their names), or of an iterable (with names
+    when it holds ``named_parameters()`` pairs)."""
+    if isinstance(model, torch.nn.Module):
+        return unzip_named(model.named_parameters())
+    given = as_list(model)
+    if given and all(isinstance(item, tuple) for item in given):
+        return unzip_named(given)
+    return given, None
+
+
+def grad_names(params: list[Any], names: list[str] | None) -> list[str]:
+    """The name of each parameter that has a gradient (its position when unnamed)."""
+    labels = names or [f"parameters[{index}]" for index in range(len(params))]
+    return [label for label, param in zip(labels, params, strict=True) if param.grad is not None]
+
+
+class ClipPlacementWarning(UserWarning):
+    """A clip that cannot have done its job where it was called: before ``backward()``
+    (no gradients), twice on the same gradients, or inside DDP's ``no_sync()``."""
+
+
+def warn_at_caller(message: str, category: type[Warning] = ClipPlacementWarning) -> None:
+    """Warn, pointing at the first caller outside agclip (and torch's decorators)."""
+    if torch.compiler.is_compiling():
+        return  # no graph break for a message
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
+    while frame is not None and _ours(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(message, category, stacklevel=level)
+
+
+def _ours(filename: str) -> bool:
+    return filename.startswith(_PACKAGE) or filename.endswith(_TORCH_DECORATORS)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_TORCH_DECORATORS = os.path.join("torch", "utils", "_contextlib.py")
+
+
+def warn_if_no_gradients(params: list[Any]) -> None:
+    """Parameters were given but none has a gradient: the clip ran before backward()."""
+    if params:
+        warn_at_caller(
+            "no parameter has a gradient: is the clip before backward()? Nothing was "
+            "clipped. (agclip.backends.torch.ClipPlacementWarning)"
+        )
 
 
 def check_tensor(tensor: Any, label: str) -> None:

@@ -1,67 +1,41 @@
 """PyTorch kernels: grouped by device and dtype, foreach where it pays, no host sync off-CPU.
 
-CPU: large tensors are reduced in short rows whose float32 partial results are
-combined in float64 (relative error ~3e-9 on 1e8 values). Float32 L2 takes the
-rows' sums of squares from the diagonal of batched 2x2 Gram matrices (~1.05x the
-time of a plain ``sum``); other cases take row norms (``vector_norm`` over rows
-of ``BLOCK``, ~1.15x); small tensors go through one ``_foreach_norm``. Values can
-be read for free, so the overflow guard is a host check and the scale pass is
-skipped when nothing needs clipping.
+CPU: a large tensor is reduced in rows of ``BLOCK`` (``vector_norm`` over each
+row), and the rows' float32 results are combined in float64: the relative error
+stays ~1e-8 where one float32 reduction over 1e8 values drifts by ~1e-3. Small
+tensors go through one ``_foreach_norm``. Values on the CPU can be read for free,
+so the overflow guard is a host check and the scale pass is skipped when nothing
+needs clipping.
 
 Other devices (CUDA, meta, ...): ``_foreach_norm(dtype=float64)`` accumulates
 in float64 inside one fused pass, which cannot overflow for 16/32-bit
 gradients with p in {1, 2}; no value is read on the host.
+
+Under ``torch.compile`` nothing is read on the host either: the graph stays whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .._kernels import BLOCK, L2, Batch, Kernels
+from .._kernels import BLOCK, Batch, Kernels
 
-# Tensors up to this many elements are reduced by one _foreach_norm call (their
-# float32 sums are short enough to stay accurate).
+# Tensors up to this many elements are reduced by one _foreach_norm call: their
+# float32 sums are short enough to stay accurate.
 SMALL = 4 * BLOCK
-
-# Float32 L2 on CPU: every pair of adjacent rows of PAIR elements is one 2x2 Gram
-# matrix of a batched matmul, whose diagonal holds the two rows' sums of squares.
-# The BLAS kernel reads the two rows as two streams: ~1.05x the time of a plain
-# `sum` over 1e8 values, where the row norm (one FMA chain per row) takes ~1.15x.
-# Smaller tensors keep the row norm: read from cache, the matmul's ~2 us more per
-# call outweighs its speed.
-PAIR = 2 * BLOCK
-GRAM_MIN = 1 << 18
-
-
-def _float32_matmul_exact() -> bool:
-    """Whether CPU float32 matmuls compute in float32 (the default). A user may allow
-    bf16 or tf32 for them (``torch.set_float32_matmul_precision``, the backends'
-    ``fp32_precision``), which would cost a norm its digits."""
-    if not torch.backends.mkl.is_available():  # the Gram path is measured on MKL only
-        return False
-    precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
-    if precision is None:  # pragma: no cover - a torch before the fp32_precision API
-        return bool(torch.get_float32_matmul_precision() == "highest")
-    return precision in ("none", "ieee")
-
-
-_torch_grouping: Any
-try:  # torch's own C++ grouping (what clip_grad_norm_ uses): ~2x faster than a Python loop
-    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype as _torch_grouping
-except ImportError:  # pragma: no cover - a torch without the private helper
-    _torch_grouping = None
 
 
 def _group(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    if _torch_grouping is not None and tensors:
-        return [list(lists[0]) for lists, _ in _torch_grouping([tensors]).values()]
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    for tensor in tensors:
-        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    return list(groups.values())
+    """Tensors grouped by device and dtype: torch's own C++ grouping, which
+    ``clip_grad_norm_`` uses and ``torch.compile`` traces."""
+    if not tensors:
+        return []
+    grouped = _group_tensors_by_device_and_dtype([cast(list[torch.Tensor | None], tensors)])
+    return [cast(list[torch.Tensor], list(lists[0])) for lists, _ in grouped.values()]
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,11 +43,16 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def host_readable(x: torch.Tensor) -> bool:
+    """Whether reading ``x`` costs nothing: CPU memory, outside autograd and compilation."""
+    return x.is_cpu and not x.requires_grad and not torch.compiler.is_compiling()
+
+
 class TorchKernels(Kernels):
     # Device questions are asked of one tensor per group: a loop over thousands
     # of small gradients would cost more than their norm.
     def prepare(self, leaves: Sequence[Any]) -> Batch:
-        """Group by device and dtype once per call (one C++ call, as torch does)."""
+        """Group by device and dtype once per call."""
         tensors = list(leaves)
         return Batch(tensors, _group(tensors))
 
@@ -90,9 +69,8 @@ class TorchKernels(Kernels):
         # CPU rows are summed in float32, and the guard there is a free host check.
         if any(group[0].is_cpu for group in batch.groups):
             return True
-        size = sum(tensor.numel() for tensor in batch.leaves)
         dtypes = {group[0].dtype for group in batch.groups}
-        return self.overflow_possible(dtypes, size, p, acc) or self.underflow_possible(
+        return self.overflow_possible(dtypes, batch.size, p, acc) or self.underflow_possible(
             dtypes, p, acc
         )
 
@@ -111,50 +89,25 @@ class TorchKernels(Kernels):
         return parts[0] if len(parts) == 1 else self.stack(parts).sum()
 
     def _cpu_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
-        # Two passes: every view first, then the reductions back to back. A
-        # reduction streams megabytes through the caches, and a torch call made
-        # between two of them runs cold (~10 us instead of ~1): at GPT-2 sizes,
-        # views made in between cost ~4% of the whole norm.
         rows_dtype = _work_dtype(group[0].dtype)
-        gram_ok = p == L2 and group[0].dtype == torch.float32 and _float32_matmul_exact()
-        small: list[torch.Tensor] = []  # reduced by one _foreach_norm
-        row_blocks: list[torch.Tensor] = []  # (rows, BLOCK) views
-        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, 2, PAIR) views, transposed
-        copies: list[torch.Tensor] = []
+        small: list[torch.Tensor] = []  # reduced together by one _foreach_norm
+        rows: list[torch.Tensor] = []  # one norm per row of BLOCK elements
         for tensor in group:
             size = tensor.numel()
             if size <= SMALL:
                 small.append(tensor)
                 continue
-            if not tensor.is_contiguous():  # copied when reduced, one at a time
-                copies.append(tensor)
-                continue
-            gram = gram_ok and size >= GRAM_MIN
-            block = 2 * PAIR if gram else BLOCK
-            rows, tail = divmod(size, block)
-            body = tensor
-            if tail:  # the tail joins the small tensors
-                flat = tensor.view(-1)
-                body = flat[: rows * block]
-                small.append(flat[rows * block :])
-            if gram:
-                view = body.view(rows, 2, PAIR)
-                pairs.append((view, view.mT))
-            else:
-                row_blocks.append(body.view(rows, BLOCK))
-        parts = [self._cpu_sum([tensor.contiguous()], p, acc) for tensor in copies]
-        if small:  # first: little to read, and torch's code is still in cache
-            norms = torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype))
-            parts.append(norms.to(acc).pow(p).sum())
-        row_norms = [
-            torch.linalg.vector_norm(rows, p, dim=1, dtype=rows_dtype) for rows in row_blocks
-        ]
-        grams = [torch.bmm(view, transposed) for view, transposed in pairs]
-        if row_norms:
-            parts.append(torch.cat(row_norms).to(acc).pow(p).sum())
-        if grams:  # the diagonals: the rows' sums of squares
-            parts.append(torch.cat(grams).diagonal(dim1=1, dim2=2).sum(dtype=acc))
-        return sum(parts[1:], parts[0])
+            flat = tensor.reshape(-1)  # a view when contiguous
+            body = size - size % BLOCK
+            rows.append(
+                torch.linalg.vector_norm(flat[:body].view(-1, BLOCK), p, dim=1, dtype=rows_dtype)
+            )
+            if body < size:
+                small.append(flat[body:])
+        if small:
+            rows.append(torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype)))
+        norms = rows[0] if len(rows) == 1 else torch.cat(rows)
+        return norms.to(acc).pow(p).sum()
 
     def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         if p in (1.0, 2.0):
@@ -177,26 +130,12 @@ class TorchKernels(Kernels):
         device = parts[0].device
         return torch.stack([part.to(device) for part in parts])
 
-    def host_scalar(self, x: Any) -> float | None:
-        if x.is_cpu and x.dtype == torch.float64 and x.ndim == 0 and not x.requires_grad:
-            return float(x)
-        return None
-
-    def from_host(self, value: float, like: Any) -> Any:
-        return torch.full((), value, dtype=like.dtype, device=like.device)
-
-    def select(self, keep: Any, value: Any, fallback: Callable[[], Any]) -> Any:
-        if keep.is_cpu:
-            return value if bool(keep) else fallback()
-        return torch.where(keep, value, fallback())
+    def peek(self, x: Any) -> float | None:
+        return float(x) if host_readable(x) else None
 
     def scale_(self, batch: Batch, factor: Any) -> None:
-        """In place; on CPU no pass at all when the factor is exactly 1."""
-        if factor.is_cpu and float(factor) == 1:
-            return
         for group in batch.groups:
-            device = group[0].device
-            local = factor.to(device=device, dtype=_work_dtype(group[0].dtype))
+            local = factor.to(device=group[0].device, dtype=_work_dtype(group[0].dtype))
             if self.foreach is False:
                 for tensor in group:
                     tensor.mul_(local)

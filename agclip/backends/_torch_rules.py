@@ -1,396 +1,261 @@
-"""Adaptive clipping objects for PyTorch: ``ZClip``, ``AutoClip`` and ``AdaGC``.
-
-Each wraps a rule of ``agclip._rules``: ``step(model)`` clips the gradients in
-place and returns the pre-clip norm. The state lives on the gradients' device
-as tensors (no ``.item()``, no host sync per step), is saved with
-``state_dict()`` and restored with ``load_state_dict()``. ``process_group``
-makes the norm global as in ``clip_grad_norm_``; the objects also plug into
-``GradientClipCallback`` (``GradientClipCallback(max_norm=ZClip())``).
-"""
+"""The PyTorch front of every adaptive rule: one class, made concrete per spec
+(``ZClip``, ``AutoClip``, ``AdaGC``). ``step(model)`` clips the gradients in place
+and returns the pre-clip norm; the state lives on the gradients' device as tensors
+(no host sync per step), is saved with ``state_dict()`` and restored with
+``load_state_dict()``. The rule also plugs into ``GradientClipCallback`` and
+``clip_and_step`` as their threshold."""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 
-from .._checks import check_count
+from .._checks import check_count, choice
 from .._kernels import Batch, Kernels
-from .._pipeline import LOCAL, clip_by_rule, clip_by_tensor_rule
-from .._rules import (
-    COEFFICIENT_EPS,
-    AdaGCState,
-    AutoClipState,
-    ZClipState,
-    adagc_config,
-    adagc_rule,
-    adagc_state,
-    autoclip_rule,
-    autoclip_state,
-    check_percentile,
-    zclip_config,
-    zclip_rule,
-    zclip_state,
-)
-from .._typing import Scalar
+from .._pipeline import LOCAL, norm_of_norms, total_norm
+from .._rule import RuleSpec, gathered, leaf_keys, rule_factor, scattered
+from ._torch_clip import Decision
 from ._torch_distributed import distributed_batch
-from ._torch_fused import hand_over_to
 from ._torch_grads import (
     collect_grads,
     empty_norm,
+    grad_names,
     kernels,
+    named_parameters,
     norm_type_arg,
-    result_norm,
-    unzip_named,
 )
 
-AUTOCLIP_FIRST_CAPACITY = 256  # an unbounded history starts here and doubles
+FIRST_CAPACITY = 256  # an unbounded AutoClip history starts here and doubles
 
 
 class AdaptiveRule:
-    """What the three rules share: ``step``, the state on the gradients' device,
-    ``state_dict`` / ``load_state_dict``."""
+    """An adaptive rule for PyTorch gradients (see the concrete classes)."""
 
-    _state_type: Any  # the rule's state NamedTuple
+    spec: ClassVar[RuleSpec]
 
-    def __init__(self, norm_type: float | str, foreach: bool | None, process_group: Any):
+    def __init__(
+        self,
+        *args: Any,
+        norm_type: float | str = 2.0,
+        foreach: bool | None = None,
+        process_group: Any = None,
+        **kwargs: Any,
+    ):
+        spec, name = self.spec, type(self).__name__
+        window = spec.window
+        size = kwargs.pop(window.name, window.default) if window else None
+        new_tensors = kwargs.pop("new_tensors", "error") if spec.per_tensor else "error"
+        config, static = spec.configure(args, kwargs, owner=name)
+        given = {h.name: h.default for h in spec.hypers}
+        given.update(zip(given, args, strict=False))
+        given.update({spec.aliases.get(key, key): value for key, value in kwargs.items()})
+        object.__setattr__(self, "_views", {**given, **config, **static})
+        self.config, self.static = config, static
+        self.window = None if size is None else check_count(window.name, size, low=1)  # type: ignore[union-attr]
+        self.new_tensors = choice("new_tensors", new_tensors, ("error", "init"))
         self.norm_type = norm_type_arg(norm_type)
         self.foreach = foreach
         self.process_group = process_group
         self.state: Any = None  # a NamedTuple of tensors, made at the first step
+        self._steps = 0  # steps taken: a host-side bound on an unbounded history
 
+    # -- the zclip package's attributes, as read-only views --------------------------
+    def __getattr__(self, name: str) -> Any:
+        views = self.__dict__.get("_views", {})
+        name = self.spec.aliases.get(name, name)
+        if name in self.spec.views:
+            return self.spec.views[name](self.state, views)
+        if name in views:
+            return views[name]
+        if name in self.spec.state_type._fields:
+            return None if self.state is None else getattr(self.state, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = self.spec.state_type._fields
+        if (
+            name in self.spec.views
+            or name in self.spec.aliases
+            or (name in fields or any(h.name == name for h in self.spec.hypers))
+        ):
+            raise AttributeError(
+                f"{type(self).__name__}.{name} is read-only: hyperparameters are set when the "
+                "rule is made, and the statistics live in .state (load_state_dict to change them)"
+            )
+        object.__setattr__(self, name, value)
+
+    # -- stepping ---------------------------------------------------------------------
     @torch.no_grad()
     def step(self, model: torch.nn.Module | Any) -> torch.Tensor:
         """Clip the gradients of ``model`` (a module, or an iterable of parameters) in
         place; returns the pre-clip norm, a 0-d float32 tensor (float64 for float64
         gradients) on the gradients' device. Call it after ``backward()`` (after
-        ``scaler.unscale_(optimizer)`` with AMP) and before ``optimizer.step()``."""
-        names: list[str] | None = None
-        if isinstance(model, torch.nn.Module):
-            params, names = unzip_named(model.named_parameters())
-        else:
-            params = list(model)
+        ``scaler.unscale_(optimizer)`` with AMP) and before ``optimizer.step()``, or
+        let ``clip_and_step(optimizer, rule)`` do both."""
+        params, names = named_parameters(model)
         k = kernels(self.foreach)
         grads, _ = collect_grads(k, params, names)
         if not grads and self.process_group is None:
             return empty_norm()
-        norm, _ = self.clip_batch(k, grads, self.process_group)
-        return norm
+        decision = self.decide(k, grads, grad_names(params, names), self.process_group)
+        decision.apply(k)
+        return decision.returned_norm(k)
 
-    def clip_batch(
+    def decide(
         self,
         k: Kernels,
         grads: Batch,
+        names: list[str],
         process_group: Any,
         *,
-        check: Any = None,
-        optimizer: Any = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Clip a batch of gradients in place: the pre-clip norm (as returned) and
-        whether this step clipped (a 0-d bool tensor). ``check(norm)`` runs before
-        the first write; a fused ``optimizer`` takes the coefficient where the rule
-        has a single one."""
-        raise NotImplementedError
+        check: Callable[[torch.Tensor], None] | None = None,
+        divisor: torch.Tensor | None = None,
+    ) -> Decision:
+        """This step's norm and factor(s), with the state updated; nothing written yet."""
+        spec, p = self.spec, self.norm_type
+        if spec.per_tensor:
+            units = [
+                distributed_batch(k, k.prepare([grad]), process_group) for grad in grads.leaves
+            ]
+            if process_group is not None or any(reduce is not LOCAL for _, reduce in units):
+                _check_every_rank_holds(len(units), spec.title)
+            norms = k.stack([total_norm(k, unit, p, reduce) for unit, reduce in units])
+            total = norm_of_norms(k, norms, p)
+            norms, total = _unscaled(norms, divisor), _unscaled(total, divisor)
+            if check is not None:
+                check(total)
+            keys = leaf_keys(names, grads.leaves)
+            state = self._state(k, grads, keys)
+            factor, new = rule_factor(
+                k,
+                spec,
+                norms,
+                total,
+                gathered(spec, state, keys, k.stack),
+                self.config,
+                self.static,
+            )
+            self.state = _merged(spec, state, scattered(spec, new, keys))
+            return Decision(total, factor, grads, units=[unit for unit, _ in units])
+        batch, reduce = distributed_batch(k, grads, process_group)
+        total = _unscaled(total_norm(k, batch, p, reduce), divisor)
+        if check is not None:
+            check(total)
+        state = self._state(k, batch, [])
+        factor, self.state = rule_factor(k, spec, None, total, state, self.config, self.static)
+        self._steps += 1
+        return Decision(total, factor, batch)
 
+    def _state(self, k: Kernels, batch: Batch, keys: list[str]) -> Any:
+        """The state on the gradients' device and in their accumulator dtype; a new one
+        at the first step. Per-tensor state must know these tensors (or, with
+        ``new_tensors="init"``, starts an entry for each new one)."""
+        like = batch.leaves[0] if batch else torch.zeros(())
+        dtype = k.accumulator(batch)
+        window = self.window or FIRST_CAPACITY
+        if self.state is None:
+            return self.spec.new_state(k, like, dtype, keys, window)
+        state = self.state
+        if self.spec.window is not None and self.window is None:
+            state = self._grown(state)
+        new = [key for key in keys if key not in getattr(state, self.spec.per_tensor[0], keys)]
+        if new and self.new_tensors == "error":
+            raise ValueError(
+                f"{self.spec.title} keeps one threshold per tensor and has none for {new[0]}: "
+                f"its state describes other tensors. Pass {self.spec.title}(new_tensors='init') "
+                "if tensors may join later (mixture-of-experts routing, a layer unfrozen)."
+            )
+        if new:
+            fresh = self.spec.new_state(k, like, dtype, new, window)
+            state = _merged(self.spec, state, fresh)
+        return _cast(state, like.device, dtype)
+
+    def _grown(self, state: Any) -> Any:
+        """An unbounded history (``history=None``) doubles when full."""
+        history = getattr(state, self.spec.window.name)  # type: ignore[union-attr]
+        if self._steps < history.shape[0]:
+            return state
+        more = torch.full_like(history, float("inf"))
+        return state._replace(**{self.spec.window.name: torch.cat([history, more])})  # type: ignore[union-attr]
+
+    # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The state as tensors, for a checkpoint (empty before the first step)."""
         return {} if self.state is None else {"state": dict(self.state._asdict())}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state saved by ``state_dict()``. Tensors move to the gradients'
-        device at the next step."""
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state saved by ``state_dict()`` (tensors, or plain numbers and
+        lists as from JSON: each field gets the dtype it had). Tensors move to the
+        gradients' device at the next step."""
+        name, fields = type(self).__name__, self.spec.state_type._fields
         if not state_dict:
-            self.state = None
+            self.state, self._steps = None, 0
             return
         saved = state_dict.get("state", {})
-        fields = self._state_type._fields
         if set(saved) != set(fields):
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict: expected the state fields "
+                f"{name}.load_state_dict: expected the state fields "
                 f"{', '.join(fields)}, got {', '.join(sorted(saved)) or 'none'}"
             )
-        self.state = self._state_type(**{name: torch.as_tensor(saved[name]) for name in fields})
-
-    def _state_on(self, like: torch.Tensor, make: Any) -> Any:
-        if self.state is None:
-            self.state = make()
-        elif self.state.count.device != like.device:
-            self.state = type(self.state)(*(t.to(like.device) for t in self.state))
-        return self.state
-
-
-class _GlobalNormRule(AdaptiveRule):
-    """A rule with one threshold for the global norm: the pipeline with ``clip_by_rule``."""
-
-    def clip_batch(
-        self,
-        k: Kernels,
-        grads: Batch,
-        process_group: Any,
-        *,
-        check: Any = None,
-        optimizer: Any = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, reduce = distributed_batch(k, grads, process_group)
-        like = batch.leaves[0] if batch else torch.zeros(())
-        state = self._state_on(like, lambda: self._new_state(k, like, k.accumulator(batch)))
-        _, norm, self.state = clip_by_rule(
-            k,
-            batch,
-            self._rule(k),
-            state,
-            COEFFICIENT_EPS,
-            p=self.norm_type,
-            in_place=True,
-            reduce=reduce,
-            check=check,
-            hand_over=hand_over_to(optimizer, batch),
-        )
-        clipped = torch.isfinite(norm) & (norm > self.state.threshold)
-        return result_norm(k, norm, batch), clipped
-
-    def _new_state(self, k: Kernels, like: torch.Tensor, dtype: torch.dtype) -> Any:
-        raise NotImplementedError
-
-    def _rule(self, k: Kernels) -> Any:
-        raise NotImplementedError
+        keys = list(saved[self.spec.per_tensor[0]]) if self.spec.per_tensor else []
+        held = len(saved[self.spec.window.name]) if self.spec.window else None
+        template = self.spec.new_state(kernels(), torch.zeros(()), torch.float64, keys, held or 1)
+        state = type(template)(*(_like(saved[f], t) for f, t in zip(fields, template, strict=True)))
+        if self.spec.window is not None:
+            count = int(state.count)  # read once here, not per step
+            if self.window is not None and held != self.window:
+                raise ValueError(
+                    f"{name}({self.spec.window.name}={self.window}).load_state_dict: the state "
+                    f"holds a history of {held} norms; load it into {name}(history={held})"
+                )
+            if self.window is None and count > held:  # type: ignore[operator]
+                raise ValueError(
+                    f"{name}(history=None).load_state_dict: the state saw {count} norms but "
+                    f"kept only the last {held}; load it into {name}(history={held})"
+                )
+            self._steps = count
+        self.state = state
 
 
-class ZClip(_GlobalNormRule):
-    """ZClip: clip the global norm when it is a z-score outlier of its EMA statistics.
-
-    A drop-in for the ``zclip`` package's ``ZClip``: the same arguments with the
-    same meaning, and ``step(model)`` after ``backward()``. The deliberate
-    differences: ``max_grad_norm=None`` by default (the package's 1.0 adds a
-    hidden fixed clip at 1); a NaN or inf norm leaves the statistics untouched,
-    passes the gradients unchanged and is counted (the package's statistics
-    turn NaN for good); ``step`` returns the norm as a tensor, not a float (no
-    host sync); the state lives in ``state`` and survives ``state_dict()``.
-    See [`agclip.zclip`][agclip.zclip] for the rule.
-
-    Args:
-        alpha: EMA smoothing of the norm's mean and variance, in [0, 1).
-        z_thresh: the z-score above which a norm is a spike.
-        max_grad_norm: an optional fixed cap on the threshold (``None``: none).
-        eps: added to the standard deviation in the z-score.
-        warmup_steps: finite norms collected before clipping adaptively.
-        mode: ``"zscore"`` or ``"percentile"``.
-        clip_option: ``"adaptive_scaling"`` (the paper's) or ``"mean"``.
-        clip_factor: multiplies the adaptive-scaling threshold.
-        skip_update_on_spike: keep spikes out of the statistics.
-        norm_type: the norm's order (2.0 default, 1, ``inf``, any p > 0).
-        foreach: as in ``clip_grad_norm_``.
-        process_group: as in ``clip_grad_norm_``: the norm is global.
-
-    Examples:
-        >>> import torch
-        >>> from agclip.backends.torch import ZClip
-        >>> model = torch.nn.Linear(4, 1)
-        >>> zclip = ZClip(warmup_steps=5)
-        >>> for scale in [1.0] * 10 + [100.0]:
-        ...     model.zero_grad()
-        ...     model(torch.ones(2, 4)).sum().mul(scale).backward()
-        ...     norm = zclip.step(model)
-        >>> int(zclip.state.spikes), round(float(norm))
-        (1, 632)
-    """
-
-    _state_type = ZClipState
-
-    def __init__(
-        self,
-        alpha: Scalar = 0.97,
-        z_thresh: Scalar = 2.5,
-        max_grad_norm: Scalar | None = None,
-        eps: Scalar = 1e-6,
-        warmup_steps: int = 25,
-        mode: str = "zscore",
-        clip_option: str = "adaptive_scaling",
-        clip_factor: Scalar = 1.0,
-        skip_update_on_spike: bool = False,
-        *,
-        norm_type: float | str = 2.0,
-        foreach: bool | None = None,
-        process_group: Any = None,
-    ):
-        super().__init__(norm_type, foreach, process_group)
-        self.config, self.modes = zclip_config(
-            alpha=alpha,
-            z_thresh=z_thresh,
-            max_grad_norm=max_grad_norm,
-            eps=eps,
-            warmup_steps=warmup_steps,
-            mode=mode,
-            clip_option=clip_option,
-            clip_factor=clip_factor,
-            skip_update_on_spike=skip_update_on_spike,
-        )
-
-    def _new_state(self, k: Kernels, like: torch.Tensor, dtype: torch.dtype) -> Any:
-        return zclip_state(k, like, dtype)
-
-    def _rule(self, k: Kernels) -> Any:
-        return zclip_rule(k, self.config, **self.modes)
+def _like(value: Any, like: Any) -> Any:
+    if isinstance(like, dict):
+        return {key: _like(value[key], like[key]) for key in value}
+    return torch.as_tensor(value).to(like.dtype)
 
 
-class AutoClip(_GlobalNormRule):
-    """AutoClip: clip the global norm at a percentile of the norms seen so far.
+def _cast(state: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Every field on ``device``; floating fields in ``dtype`` (counters stay int32)."""
 
-    Args:
-        percentile: in [0, 100]; the paper's recommendation is 10.
-        history: ``None`` keeps every norm, as the paper does (the buffer on
-            the device doubles when full); ``N`` keeps the last N, the current
-            one included (a fixed ring buffer).
-        norm_type: the norm's order (2.0 default, 1, ``inf``, any p > 0).
-        foreach: as in ``clip_grad_norm_``.
-        process_group: as in ``clip_grad_norm_``: the norm is global.
+    def cast(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: cast(item) for key, item in value.items()}
+        wanted = dtype if dtype is not None and value.is_floating_point() else value.dtype
+        if value.device == (device or value.device) and value.dtype == wanted:
+            return value
+        return value.to(device=device, dtype=wanted)
 
-    Unlike the paper's code, no norm is read on the host (it reads one per
-    parameter per step) and the percentile is taken on the device.
-    See [`agclip.autoclip`][agclip.autoclip] for the rule.
-    """
-
-    _state_type = AutoClipState
-
-    def __init__(
-        self,
-        percentile: Scalar = 10,
-        history: int | None = None,
-        *,
-        norm_type: float | str = 2.0,
-        foreach: bool | None = None,
-        process_group: Any = None,
-    ):
-        super().__init__(norm_type, foreach, process_group)
-        self.percentile = check_percentile(percentile)
-        self.history = None if history is None else check_count("history", history, low=1)
-        self._steps = 0  # steps taken: a host-side bound on the norms held
-
-    def clip_batch(self, k: Kernels, grads: Batch, process_group: Any, **options: Any) -> Any:
-        if self.history is None and self.state is not None:
-            self._grow_if_full()
-        self._steps += 1
-        return super().clip_batch(k, grads, process_group, **options)
-
-    def _grow_if_full(self) -> None:
-        history = self.state.history
-        if self._steps >= history.shape[0]:  # keep every norm: double the buffer
-            more = torch.full_like(history, float("inf"))
-            self.state = self.state._replace(history=torch.cat([history, more]))
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self.state is None:
-            self._steps = 0
-            return
-        # Read once here (not per step): how many norms the buffer holds.
-        held, count = self.state.history.shape[0], int(self.state.count)
-        if self.history is not None and held != self.history:
-            raise ValueError(
-                f"AutoClip(history={self.history}).load_state_dict: the state holds a "
-                f"history of {held} norms; load it into AutoClip(history={held})"
-            )
-        if self.history is None and count > held:
-            raise ValueError(
-                f"AutoClip(history=None).load_state_dict: the state saw {count} norms but "
-                f"kept only the last {held}; load it into AutoClip(history={held})"
-            )
-        self._steps = count
-
-    def _new_state(self, k: Kernels, like: torch.Tensor, dtype: torch.dtype) -> Any:
-        return autoclip_state(k, like, dtype, self.history or AUTOCLIP_FIRST_CAPACITY)
-
-    def _rule(self, k: Kernels) -> Any:
-        return autoclip_rule(k, self.percentile)
+    return type(state)(*(cast(value) for value in state))
 
 
-class AdaGC(AdaptiveRule):
-    """AdaGC: clip each gradient tensor at a multiple of the EMA of its own norm.
-
-    One threshold per parameter tensor, so the set of parameters with
-    gradients must stay the same from step to step. The per-tensor factors
-    cannot ride on a fused optimizer step: with the callback's ``optimizer``,
-    the gradients are scaled here. With ``process_group`` or DTensor
-    gradients, each tensor's norm is reduced across ranks (one all-reduce per
-    tensor), so every rank must hold a part of every tensor (FSDP2, TP, FSDP1
-    or ZeRO shards; checked at the first step). Pipeline stages, which hold
-    different tensors, are refused: use ZClip or AutoClip there. See
-    [`agclip.adagc`][agclip.adagc] for the rule.
-
-    Args:
-        lambda_abs: the global threshold during warm-up.
-        lambda_rel: the allowed ratio to a tensor's EMA norm.
-        beta: EMA smoothing, in [0, 1).
-        warmup_steps: steps of global clipping first.
-        eps: added to each norm before dividing.
-        norm_type: the norm's order (2.0 default, 1, ``inf``, any p > 0).
-        foreach: as in ``clip_grad_norm_``.
-        process_group: as in ``clip_grad_norm_``.
-    """
-
-    _state_type = AdaGCState
-
-    def __init__(
-        self,
-        lambda_abs: Scalar = 1.0,
-        lambda_rel: Scalar = 1.05,
-        beta: Scalar = 0.98,
-        warmup_steps: int = 100,
-        eps: Scalar = 1e-6,
-        *,
-        norm_type: float | str = 2.0,
-        foreach: bool | None = None,
-        process_group: Any = None,
-    ):
-        super().__init__(norm_type, foreach, process_group)
-        self.config = adagc_config(
-            lambda_abs=lambda_abs,
-            lambda_rel=lambda_rel,
-            beta=beta,
-            warmup_steps=warmup_steps,
-            eps=eps,
-        )
-
-    def clip_batch(
-        self,
-        k: Kernels,
-        grads: Batch,
-        process_group: Any,
-        *,
-        check: Any = None,
-        optimizer: Any = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        del optimizer  # one factor per tensor: scaled here
-        units = [distributed_batch(k, k.prepare([grad]), process_group) for grad in grads.leaves]
-        if self.state is None and any(reduce is not LOCAL for _, reduce in units):
-            _check_every_rank_holds(len(units))
-        like = grads.leaves[0] if grads else torch.zeros(())
-        state = self._state_on(like, lambda: adagc_state(k, like, k.accumulator(grads), len(units)))
-        if state.gamma.shape[0] != len(units):
-            raise ValueError(
-                f"AdaGC keeps one threshold per gradient tensor: its state has "
-                f"{state.gamma.shape[0]}, this step has {len(units)} gradients"
-            )
-        spikes = state.spikes
-        _, self.state = clip_by_tensor_rule(
-            k,
-            units,
-            adagc_rule(k, self.config),
-            state,
-            self.config.eps,
-            p=self.norm_type,
-            in_place=True,
-            check=check,
-        )
-        return result_norm(k, self.state.norm, grads), self.state.spikes > spikes
+def _merged(spec: RuleSpec, state: Any, new: Any) -> Any:
+    """``new``, whose per-tensor entries add to (or replace) ``state``'s: tensors
+    without a gradient this step keep their entries."""
+    return new._replace(**{f: {**getattr(state, f), **getattr(new, f)} for f in spec.per_tensor})
 
 
-def _check_every_rank_holds(tensors: int) -> None:
+def _unscaled(norm: torch.Tensor, divisor: torch.Tensor | None) -> torch.Tensor:
+    return norm if divisor is None else norm / divisor
+
+
+def _check_every_rank_holds(tensors: int, title: str) -> None:
     """Per-tensor norms reduce across ranks tensor by tensor, so every rank must hold a
-    part of every tensor (FSDP, TP, FSDP1 / ZeRO shards). Checked once, at the first
-    step, with one all-reduce: pipeline stages would otherwise wait on each other's
-    collectives."""
+    part of every tensor (FSDP, TP, FSDP1 / ZeRO shards). Checked at every step with
+    one all-reduce, so that every rank raises the same error instead of waiting on
+    another's collectives (pipeline stages, tensors routed away)."""
     nccl = dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     extremes = torch.tensor([tensors, -tensors], dtype=torch.float64, device=device)
@@ -398,8 +263,47 @@ def _check_every_rank_holds(tensors: int) -> None:
     most, fewest = int(extremes[0]), -int(extremes[1])
     if most != fewest:
         raise ValueError(
-            "AdaGC across ranks needs every rank to hold a part of every gradient tensor "
+            f"{title} across ranks needs every rank to hold a part of every gradient tensor "
             f"(FSDP, tensor parallel, FSDP1 or ZeRO shards); the ranks hold between {fewest} "
-            f"and {most} tensors (pipeline stages?). Use ZClip or AutoClip there: they need "
-            "only the global norm."
+            f"and {most} tensors (pipeline stages?). Use a global-norm rule there (ZClip, "
+            "AutoClip): they need only the global norm."
         )
+
+
+def torch_rule(spec: RuleSpec, example: str) -> type[AdaptiveRule]:
+    """The PyTorch class of ``spec``, with its signature and docstring."""
+    rule = type(spec.title, (AdaptiveRule,), {"spec": spec, "__module__": "agclip.backends.torch"})
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    extra = []
+    if spec.window is not None:
+        extra.append(inspect.Parameter(spec.window.name, keyword, default=spec.window.default))
+    if spec.per_tensor:
+        extra.append(inspect.Parameter("new_tensors", keyword, default="error"))
+    rule.__signature__ = spec.signature(  # type: ignore[attr-defined]
+        [],
+        [
+            *extra,
+            inspect.Parameter("norm_type", keyword, default=2.0),
+            inspect.Parameter("foreach", keyword, default=None),
+            inspect.Parameter("process_group", keyword, default=None),
+        ],
+    )
+    after = _TORCH_ARGS
+    if spec.window is not None:
+        keep_all = "``None`` keeps every norm (the buffer on the device doubles when full)."
+        after = f"    {spec.window.name}: {spec.window.doc} {keep_all}\n" + after
+    if spec.per_tensor:
+        after = _NEW_TENSORS + after
+    rule.__doc__ = spec.docstring(f"{spec.title}: {spec.summary}", "", after, example)
+    return rule
+
+
+_TORCH_ARGS = """    norm_type: the norm's order (2.0 default, 1, ``inf``, any p > 0).
+    foreach: as in ``clip_grad_norm_``.
+    process_group: as in ``clip_grad_norm_``: the norm is global.
+"""
+_NEW_TENSORS = """    new_tensors: ``"error"`` (default): gradients of a tensor the state has not
+        seen are a ``ValueError`` naming it; ``"init"``: such a tensor starts a fresh
+        entry (mixture-of-experts routing, a layer unfrozen). Entries of tensors
+        without a gradient this step are kept as they were.
+"""

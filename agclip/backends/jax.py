@@ -1,8 +1,7 @@
-"""JAX adapter: optax-style gradient transformations (``init`` / ``update``).
+"""JAX adapter: optax gradient transformations (``init`` / ``update``) that compose in
+``optax.chain``, run under ``jit`` and take ``optax.inject_hyperparams``.
 
-Each function returns an ``optax.GradientTransformation`` when optax is
-installed (so it composes in ``optax.chain``) and an equivalent
-``GradientTransformation`` NamedTuple otherwise. Compared with optax's clippers:
+Compared with optax's clippers:
 
 - ``clip_by_global_norm`` keeps the pre-clip norm in its state (log it);
 - 16-bit gradients accumulate in float32, float32 in blocks (accurate);
@@ -27,41 +26,41 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
+from .._missing import missing
 
-from .._adaptive import adaptive_grad_clip as agc
-from .._adaptive import check_layout
-from .._checks import check_count, check_eps, check_threshold, leaf_namespace
+try:
+    import jax
+    import jax.numpy as jnp
+    import optax
+except ImportError as error:
+    raise missing("jax", error) from error
+
+from .._adagc import ADAGC
+from .._agc import adaptive_grad_clip as agc
+from .._agc import check_layout
+from .._autoclip import AUTOCLIP
+from .._checks import check_count, check_eps, check_ord, check_threshold, leaf_namespace
 from .._dispatch import kernels_for
-from .._kernels import Kernels
 from .._pipeline import (
     Reduction,
     clip_each_leaf,
     clip_leaves_by_global_norm,
     clip_leaves_by_value,
-    leaves_all_finite,
     zero_nonfinite_leaves,
 )
+from .._rule import RuleSpec
+from .._rule_front import check_window, functional_init, functional_step
 from .._tree import flatten
 from .._typing import Array, Scalar
-from ._jax_adaptive import adagc, autoclip, zclip
+from .._zclip import ZCLIP
 from ._jax_axes import reduction_for
-from ._jax_transform import (
-    EmptyState,
-    GradientTransformation,
-    empty_state,
-    order,
-    transformation,
-)
 
 __all__ = [
-    "ApplyIfFiniteState",
     "ClipByGlobalNormState",
-    "EmptyState",
-    "GradientTransformation",
     "adagc",
     "adaptive_grad_clip",
     "apply_if_finite",
@@ -79,15 +78,10 @@ class ClipByGlobalNormState(NamedTuple):
     """The pre-clip global norm of the last update (float32 scalar)."""
 
 
-class ApplyIfFiniteState(NamedTuple):
-    notfinite_count: jax.Array
-    last_finite: jax.Array
-    total_notfinite: jax.Array
-    inner_state: Any
-
-
-def _kernels() -> Kernels:
-    return kernels_for(jnp)
+def order(ord: Any) -> float:
+    """The norm order; ``None`` is 2. (A ``None`` default, unlike a number, is left
+    static by ``optax.inject_hyperparams``.)"""
+    return 2.0 if ord is None else check_ord(ord)
 
 
 def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
@@ -96,11 +90,11 @@ def _apply(updates: Any, fn: Any, *args: Any, **static: Any) -> tuple[Any, Any]:
     leaf_namespace(flat.leaves, flat.paths)
     if not flat.leaves:
         return None, flat
-    return _kernels().run(fn, flat.leaves, *args, **static), flat
+    return kernels_for(jnp).run(fn, flat.leaves, *args, **static), flat
 
 
 def _clip_keeping_norm(
-    k: Kernels, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction
+    k: Any, leaves: list[Any], max_norm: Any, eps: Any, *, p: float, reduce: Reduction
 ) -> tuple[list[Any], Any]:
     clipped, norm = clip_leaves_by_global_norm(k, leaves, max_norm, eps, p=p, reduce=reduce)
     return clipped, norm.astype(jnp.float32)  # the state's dtype, whatever the leaves'
@@ -113,7 +107,7 @@ def clip_by_global_norm(
     eps: Scalar = 1e-6,
     axis_name: Any = None,
     specs: Any = None,
-) -> GradientTransformation:
+) -> Any:
     """Scale updates by ``min(1, max_norm / (global_norm + eps))``; the state keeps the norm.
 
     Args:
@@ -142,8 +136,7 @@ def clip_by_global_norm(
     """
     max_norm = check_threshold("max_norm", max_norm, jnp)
     p, eps = order(ord), check_eps(eps)
-    if specs is not None and axis_name is None:
-        raise ValueError("specs describe a shard_map layout: pass axis_name with them")
+    _check_specs(axis_name, specs)
 
     def init(params: Any) -> ClipByGlobalNormState:
         del params
@@ -158,32 +151,35 @@ def clip_by_global_norm(
         clipped, norm = out
         return flat.unflatten(clipped), ClipByGlobalNormState(norm=norm)
 
-    return transformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
-def _stateless(fn: Any, *args: Any, **static: Any) -> GradientTransformation:
+def _check_specs(axis_name: Any, specs: Any) -> None:
+    if specs is not None and axis_name is None:
+        raise ValueError("specs describe a shard_map layout: pass axis_name with them")
+
+
+def _stateless(fn: Any, *args: Any, **static: Any) -> Any:
     def init(params: Any) -> Any:
         del params
-        return empty_state()
+        return optax.EmptyState()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         del params
         out, flat = _apply(updates, fn, *args, **static)
         return (updates if out is None else flat.unflatten(out)), state
 
-    return transformation(init, update)
+    return optax.GradientTransformation(init, update)
 
 
-def clip_by_norm(
-    max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e-6
-) -> GradientTransformation:
+def clip_by_norm(max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e-6) -> Any:
     """Scale each update leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
 
     Args:
         max_norm: the largest norm allowed per leaf, a finite number >= 0 (or a
             0-d array); injectable.
         ord: ``None`` (default: 2), 1, ``inf`` or any p > 0; static (see
-            [`clip_by_global_norm`][agclip.backends.jax.clip_by_global_norm]).
+            ``clip_by_global_norm``).
         eps: added to each norm before dividing; injectable.
 
     References:
@@ -193,7 +189,7 @@ def clip_by_norm(
     return _stateless(clip_each_leaf, max_norm, check_eps(eps), p=order(ord))
 
 
-def clip_by_value(clip_value: Scalar) -> GradientTransformation:
+def clip_by_value(clip_value: Scalar) -> Any:
     """Clip every update element into ``[-clip_value, clip_value]``.
 
     Args:
@@ -205,15 +201,11 @@ def clip_by_value(clip_value: Scalar) -> GradientTransformation:
     return _stateless(clip_leaves_by_value, check_threshold("clip_value", clip_value, jnp))
 
 
-def zero_nonfinite() -> GradientTransformation:
+def zero_nonfinite() -> Any:
     """Replace NaN, +inf and -inf in the updates with 0 (optax's zero_nans only handles NaN).
 
     Takes no arguments and keeps no state (``optax.EmptyState``): unlike
     optax's ``zero_nans``, it does not record which leaves held NaN.
-
-    Returns:
-        An optax ``GradientTransformation`` whose ``update`` returns the cleaned
-        updates and the unchanged state.
 
     Examples:
         >>> import jax.numpy as jnp
@@ -226,74 +218,43 @@ def zero_nonfinite() -> GradientTransformation:
     return _stateless(zero_nonfinite_leaves)
 
 
-def apply_if_finite(
-    inner: GradientTransformation, max_consecutive_errors: int | Array
-) -> GradientTransformation:
-    """Apply ``inner`` only when the updates are all finite (optax's semantics).
+def apply_if_finite(inner: Any, max_consecutive_errors: int | Array) -> Any:
+    """``optax.apply_if_finite``, with its argument checked up front: apply ``inner``
+    only when the updates are all finite.
 
     A non-finite step yields zero updates and leaves ``inner``'s state as it
     was; after more than ``max_consecutive_errors`` such steps in a row, the
-    update is applied anyway. The state counts consecutive and total failures.
-
-    Args:
-        inner: the transformation to guard (an optax ``GradientTransformation``).
-        max_consecutive_errors: an int >= 0 (or a 0-d integer array: it works
-            under ``optax.inject_hyperparams``).
+    update is applied anyway. What this adds to optax's: a negative or non-integer
+    ``max_consecutive_errors`` is a ``ValueError`` naming it here, not a silent
+    misbehaviour later (a 0-d integer array is accepted, as under
+    ``optax.inject_hyperparams``). The state is ``optax.ApplyIfFiniteState``.
 
     References:
         Micikevicius et al., "Mixed Precision Training", ICLR 2018 (skipping
         steps with non-finite gradients).
     """
     check_count("max_consecutive_errors", max_consecutive_errors)
-
-    def init(params: Any) -> ApplyIfFiniteState:
-        return ApplyIfFiniteState(
-            notfinite_count=jnp.zeros((), jnp.int32),
-            last_finite=jnp.array(True),
-            total_notfinite=jnp.zeros((), jnp.int32),
-            inner_state=inner.init(params),
-        )
-
-    def update(updates: Any, state: ApplyIfFiniteState, params: Any = None) -> tuple[Any, Any]:
-        flat = flatten(updates)
-        leaf_namespace(flat.leaves, flat.paths)
-        finite = leaves_all_finite(_kernels(), flat.leaves) if flat.leaves else jnp.asarray(True)
-        inner_updates, inner_state = inner.update(updates, state.inner_state, params)
-        count = jnp.where(finite, 0, state.notfinite_count + 1)
-        apply = finite | (count > max_consecutive_errors)
-
-        def pick(new: Any, old: Any) -> Any:
-            return jnp.where(apply, new, old)
-
-        new_updates = jax.tree_util.tree_map(lambda u: pick(u, jnp.zeros_like(u)), inner_updates)
-        new_state = ApplyIfFiniteState(
-            notfinite_count=count,
-            last_finite=finite,
-            total_notfinite=state.total_notfinite + (~finite).astype(jnp.int32),
-            inner_state=jax.tree_util.tree_map(pick, inner_state, state.inner_state),
-        )
-        return new_updates, new_state
-
-    return transformation(init, update)
+    return optax.apply_if_finite(inner, max_consecutive_errors)
 
 
 def adaptive_grad_clip(
-    clipping: Scalar,
+    clipping: Scalar = 0.01,
     eps: Scalar = 1e-3,
     *,
-    layout: Any = "flax",
+    layout: Any = "optax",
+    ord: float | None = None,
     exclude: Any = (),
-) -> GradientTransformation:
+) -> Any:
     """Adaptive gradient clipping (AGC) as an optax transform; needs ``params`` in ``update``.
 
     Each unit's update is scaled so that its norm is at most ``clipping *
-    max(norm of the unit's parameters, eps)``. The default ``layout="flax"``
-    (output axis last) gives ``optax.adaptive_grad_clip``'s results on Flax
-    parameters; ``layout="torch"`` (output axis first) gives timm's on
-    PyTorch-layout weights, which the Flax rule would cut across. ``exclude``
-    skips leaves by key path (fnmatch patterns such as ``"*head*"``, or a
-    predicate). Stateless, jit-friendly, usable under ``inject_hyperparams``
-    (``clipping`` and ``eps`` are injectable).
+    max(norm of the unit's parameters, eps)``. The default ``layout="optax"``
+    gives ``optax.adaptive_grad_clip``'s results on every shape optax takes;
+    ``"flax"`` makes every output unit (last axis) of a weight a unit,
+    ``"torch"`` every first-axis slice (PyTorch-layout weights), or pass a
+    callable ``leaf -> axes``. ``exclude`` skips leaves by key path (fnmatch
+    patterns such as ``"*head*"``, or a predicate). Stateless, jit-friendly,
+    ``clipping`` and ``eps`` injectable.
 
     References:
         Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
@@ -302,15 +263,95 @@ def adaptive_grad_clip(
     clipping = check_threshold("clipping", clipping, jnp)
     eps = check_eps(eps)
     layout = check_layout(layout)
+    p = order(ord)
 
     def init(params: Any) -> Any:
         del params
-        return empty_state()
+        return optax.EmptyState()
 
     def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError("adaptive_grad_clip needs params: call update(updates, state, params)")
-        clipped = agc(updates, params, clipping, layout=layout, eps=eps, exclude=exclude)
+        clipped = agc(updates, params, clipping, layout=layout, eps=eps, ord=p, exclude=exclude)
         return clipped, state
 
-    return transformation(init, update)
+    return optax.GradientTransformation(init, update)
+
+
+def optax_rule(spec: RuleSpec) -> Any:
+    """The optax transform factory of an adaptive rule: its hyperparameters (traced:
+    injectable, no recompiling when they change), ``ord``, and the ``axis_name`` /
+    ``specs`` of ``clip_by_global_norm`` for ``shard_map``."""
+
+    def factory(
+        *args: Any, ord: Any = None, axis_name: Any = None, specs: Any = None, **kwargs: Any
+    ) -> Any:
+        window = None
+        if spec.window is not None:
+            window = check_window(spec, kwargs.pop(spec.window.name, spec.window.default))
+        config, static = spec.configure(args, kwargs, owner=spec.name)
+        p = order(ord)
+        _check_specs(axis_name, specs)
+
+        def init(params: Any) -> Any:
+            return functional_init(spec, params, window)
+
+        def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+            del params
+            reduce = reduction_for(axis_name, specs, updates)
+            return functional_step(spec, updates, state, config, static, ord=p, reduce=reduce)
+
+        return optax.GradientTransformation(init, update)
+
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    window = (
+        [inspect.Parameter(spec.window.name, keyword, default=spec.window.default)]
+        if spec.window
+        else []
+    )
+    factory.__signature__ = spec.signature(  # type: ignore[attr-defined]
+        [],
+        [
+            *window,
+            inspect.Parameter("ord", keyword, default=None),
+            inspect.Parameter("axis_name", keyword, default=None),
+            inspect.Parameter("specs", keyword, default=None),
+        ],
+    )
+    after = _OPTAX_ARGS
+    if spec.window is not None:
+        after = f"    {spec.window.name}: {spec.window.doc} (It sizes the state: static.)\n" + after
+    factory.__doc__ = spec.docstring(
+        f"{spec.title} as an optax transform: {spec.summary}", "", after, _OPTAX_RETURNS
+    )
+    factory.__name__ = factory.__qualname__ = spec.name
+    factory.__module__ = __name__
+    return factory
+
+
+_OPTAX_ARGS = """    ord: ``None`` (2), 1, ``inf`` or any p > 0 (static).
+    axis_name: inside ``shard_map``, the axis (or axes) the updates are partitioned
+        over, as in ``clip_by_global_norm``: the norm (and so the state) is then the
+        same on every device.
+    specs: with ``axis_name``, the ``PartitionSpec`` of each update leaf.
+"""
+_OPTAX_RETURNS = """Returns:
+    An ``optax.GradientTransformation`` whose state is the rule's state (``norm``,
+    ``threshold``, counters): log it. A non-finite norm passes the updates
+    unchanged: compose with ``apply_if_finite`` to skip such steps.
+"""
+
+zclip = optax_rule(ZCLIP)
+autoclip = optax_rule(AUTOCLIP)
+adagc = optax_rule(ADAGC)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("GradientTransformation", "EmptyState", "ApplyIfFiniteState"):
+        warnings.warn(
+            f"agclip.backends.jax.{name} is optax's own {name}: use optax.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(optax, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,13 +17,14 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from array_api_compat import numpy as compat_numpy
 
 from .._checks import check_eps, check_ord, check_precision, check_threshold
 from .._dispatch import kernels_for
-from .._pipeline import clip_by_total_norm
+from .._pipeline import apply_factor, clip_coefficient, total_norm
 from .._typing import Scalar
 
 __all__ = ["clip_by_global_norm_", "clip_by_value_"]
@@ -32,13 +33,18 @@ _kernels = kernels_for(compat_numpy)  # the NumPy overrides, shared with the fun
 
 
 def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
-    """The non-None arrays, checked to be writable floating ndarrays (nothing modified)."""
-    checked = []
+    """The non-None arrays, checked to be writable floating ndarrays that do not
+    overlap in memory (nothing modified). An array given twice (the same object, or
+    the same view of the same memory: tied weights listed twice) counts once."""
+    checked: dict[tuple[Any, ...], tuple[int, np.ndarray]] = {}
     for index, array in enumerate(arrays):
         if array is None:
             continue
-        if not isinstance(array, np.ndarray):
-            raise TypeError(f"arrays[{index}] is a {type(array).__name__}, not a numpy.ndarray")
+        if not isinstance(array, np.ndarray) or isinstance(array, np.ma.MaskedArray):
+            raise TypeError(
+                f"arrays[{index}] is a {type(array).__name__}, not a plain numpy.ndarray "
+                "(a masked array's mask would be ignored: pass array.filled(0))"
+            )
         if not np.issubdtype(array.dtype, np.floating):
             raise TypeError(
                 f"arrays[{index}] has dtype {array.dtype}; gradients must be floating point"
@@ -46,8 +52,34 @@ def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
         check_precision(array.dtype, f"arrays[{index}]")
         if not array.flags.writeable:
             raise ValueError(f"arrays[{index}] is read-only; it cannot be clipped in place")
-        checked.append(array)
-    return checked
+        key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
+        checked.setdefault(key, (index, array))
+    _check_no_overlap(list(checked.values()))
+    return [array for _, array in checked.values()]
+
+
+def _check_no_overlap(arrays: list[tuple[int, np.ndarray]]) -> None:
+    """Distinct arrays that share memory would be counted and scaled twice where they
+    meet: a ``ValueError`` naming both, before any write."""
+    spans = sorted((*_bounds(array), index, array) for index, array in arrays)
+    open_spans: list[tuple[int, int, int, np.ndarray]] = []
+    for span in spans:
+        open_spans = [other for other in open_spans if other[1] > span[0]]
+        for other in open_spans:
+            if np.shares_memory(other[3], span[3]):
+                raise ValueError(
+                    f"arrays[{other[2]}] and arrays[{span[2]}] overlap in memory: each value "
+                    "would count twice in the norm and be scaled twice; pass each buffer once"
+                )
+        open_spans.append(span)
+
+
+def _bounds(array: np.ndarray) -> tuple[int, int]:
+    """The first and one-past-last byte addresses ``array`` spans."""
+    low = high = array.__array_interface__["data"][0]
+    for size, stride in zip(array.shape, array.strides, strict=True):
+        low, high = low + min(0, stride * (size - 1)), high + max(0, stride * (size - 1))
+    return low, high + array.itemsize
 
 
 def clip_by_global_norm_(
@@ -60,7 +92,9 @@ def clip_by_global_norm_(
     written at all.
 
     Args:
-        arrays: floating-point ndarrays (``None`` entries skipped).
+        arrays: floating-point ndarrays (``None`` entries skipped). An array given
+            twice counts once; arrays that otherwise share memory are a
+            ``ValueError``; masked arrays a ``TypeError``.
         max_norm: a finite number >= 0.
         ord: 2 (default), 1, ``inf`` or any finite p > 0.
         eps: added to the norm before dividing; >= 0.
@@ -75,7 +109,8 @@ def clip_by_global_norm_(
     max_norm = check_threshold("max_norm", max_norm, compat_numpy)
     p, eps = check_ord(ord), check_eps(eps)
     batch = _kernels.prepare(_writable_arrays(arrays))
-    _, norm = clip_by_total_norm(_kernels, batch, max_norm, eps, p=p, in_place=True)
+    norm = total_norm(_kernels, batch, p)
+    apply_factor(_kernels, batch, clip_coefficient(_kernels, norm, max_norm, eps), in_place=True)
     return float(norm)
 
 

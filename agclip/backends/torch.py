@@ -9,7 +9,11 @@ Same names, signatures and semantics as ``torch.nn.utils``
 - 16-bit gradients accumulate in float32 (float64 off-CPU) and the norm is
   float32 (float64 if any gradient is float64), never a float16 ``inf``;
 - no host-device sync off-CPU (``error_if_nonfinite=True`` syncs, as torch's does);
-- on CPU, no scale pass at all when nothing needs clipping.
+- on CPU, no scale pass at all when nothing needs clipping;
+- ``torch.compile(fullgraph=True)`` traces them whole.
+
+``clip_and_step(optimizer, max_norm)`` clips and steps in one call: a fused
+optimizer takes the coefficient inside its step (no scale pass).
 
 Examples:
     >>> import torch
@@ -25,16 +29,25 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from .._missing import missing
 
-from .._adaptive import adaptive_grad_clip, excluded
-from .._pipeline import clip_by_total_norm, scale_by_norm, total_norm
+try:
+    import torch
+except ImportError as error:
+    raise missing("torch", error) from error
+
+from .._adagc import ADAGC
+from .._agc import adaptive_grad_clip, excluded
+from .._autoclip import AUTOCLIP
+from .._pipeline import apply_factor, clip_coefficient, total_norm
 from .._typing import Scalar
+from .._zclip import ZCLIP
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
+from ._torch_clip import FixedThreshold, clip_then_step
 from ._torch_distributed import distributed_batch
-from ._torch_fused import amp_scale, hand_over_to
 from ._torch_grads import (
     EPS,
+    ClipPlacementWarning,
     Labels,
     TensorOrTensors,
     as_list,
@@ -43,29 +56,78 @@ from ._torch_grads import (
     collect_grads,
     empty_norm,
     kernels,
+    named_parameters,
     norm_type_arg,
     parameters_list,
     raise_if_nonfinite,
     result_norm,
     threshold,
-    unzip_named,
+    warn_if_no_gradients,
 )
-from ._torch_rules import AdaGC, AdaptiveRule, AutoClip, ZClip
+from ._torch_rules import AdaptiveRule, torch_rule
 
 __all__ = [
     "AdaGC",
     "AdaptiveRule",
     "AutoClip",
+    "ClipPlacementWarning",
     "GradientClipCallback",
     "NonFiniteGradientWarning",
     "ZClip",
     "adaptive_clip_grad_",
+    "clip_and_step",
     "clip_grad_norm",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
 ]
+
+ZClip = torch_rule(
+    ZCLIP,
+    """
+A drop-in for the ``zclip`` package's ``ZClip``: the same arguments, ``step(model)``
+after ``backward()``, and its attributes (``mean``, ``var``, ``initialized``, the
+hyperparameters) as read-only views; ``step`` returns the norm as a tensor (no
+host sync).
+
+Examples:
+    >>> import torch
+    >>> from agclip.backends.torch import ZClip
+    >>> model = torch.nn.Linear(4, 1)
+    >>> zclip = ZClip(warmup_steps=5)
+    >>> for scale in [1.0, 1.1] * 5 + [100.0]:
+    ...     model.zero_grad()
+    ...     model(torch.ones(2, 4)).sum().mul(scale).backward()
+    ...     norm = zclip.step(model)
+    >>> int(zclip.spikes), round(float(norm))
+    (1, 447)
+""",
+)
+AutoClip = torch_rule(
+    AUTOCLIP,
+    """
+Unlike the paper's code, no norm is read on the host (it reads one per
+parameter per step) and the percentile is taken on the device.
+""",
+)
+AdaGC = torch_rule(
+    ADAGC,
+    """
+With ``process_group`` or DTensor gradients, each tensor's norm is reduced
+across ranks, so every rank must hold a part of every tensor (FSDP2, TP, FSDP1
+or ZeRO shards; checked at every step, the same error on every rank). Pipeline
+stages, which hold different tensors, are refused: use ZClip or AutoClip there.
+The per-tensor factors cannot ride on a fused optimizer step: ``clip_and_step``
+scales the gradients first.
+""",
+)
+
+
+def _rule(max_norm: Any, norm_type: Any) -> Any:
+    if isinstance(max_norm, AdaptiveRule):
+        return max_norm
+    return FixedThreshold(threshold("max_norm", max_norm), norm_type_arg(norm_type))
 
 
 @torch.no_grad()
@@ -77,14 +139,13 @@ def clip_grad_norm_(
     foreach: bool | None = None,
     *,
     process_group: Any = None,
-    optimizer: Any = None,
-    scaler: Any = None,
 ) -> torch.Tensor:
     """Clip the gradients of ``parameters`` in place to a total norm of ``max_norm``.
 
     Drop-in for ``torch.nn.utils.clip_grad_norm_``: gradients are scaled by
     ``min(1, max_norm / (total_norm + 1e-6))``; parameters without ``.grad``
-    are skipped; no gradients gives ``tensor(0.)``.
+    are skipped; no gradients gives ``tensor(0.)`` (and a ``ClipPlacementWarning``
+    when parameters were given: the clip ran before ``backward()``).
 
     Args:
         parameters: a Tensor or an iterable of Tensors (a generator is fine).
@@ -96,20 +157,12 @@ def clip_grad_norm_(
             kernels; ``True`` foreach kernels.
         process_group: for plain-tensor gradients partitioned across ranks
             (pipeline stages, FSDP1 ``use_orig_params`` or ZeRO shards): the
-            ``ProcessGroup`` or ``DeviceMesh`` over which they are distinct.
-            The norm is then global: one all-reduce of one float64 pair, which
-            every rank joins, one without gradients too. DTensor gradients
-            (FSDP2, HSDP, TP, any number of meshes, mixed with plain tensors)
-            need no argument. See the "Distributed training" guide.
-        optimizer: the optimizer whose next ``step()`` follows. A fused one
-            (``Adam``/``AdamW``/``SGD`` with ``fused=True``) applies the
-            coefficient inside its fused kernel: no scale pass here, and a
-            non-finite norm skips that step (parameters and state unchanged),
-            without a host sync. Any other optimizer: the gradients are scaled
-            here, as without it.
-        scaler: with ``optimizer``, a ``torch.amp.GradScaler`` whose scaled
-            gradients were not unscaled: the norm is taken unscaled and the
-            scaler's ``step`` applies its scale and the coefficient together.
+            ``ProcessGroup`` (or 1-D ``DeviceMesh``) of the ranks among which they
+            are distinct. The norm is then the norm over those ranks' gradients:
+            one all-reduce over that group of one float64 pair, which every rank
+            in it joins, one without gradients too. DTensor gradients (FSDP2,
+            HSDP, TP, any number of meshes, mixed with plain tensors) need no
+            argument. See the "Distributed training" guide.
 
     Returns:
         The pre-clip total norm, a plain 0-d float32 tensor (float64 if any
@@ -120,30 +173,95 @@ def clip_grad_norm_(
         Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
         neural networks", ICML 2013.
     """
-    max_norm = threshold("max_norm", max_norm)
-    p = norm_type_arg(norm_type)
+    rule = FixedThreshold(threshold("max_norm", max_norm), norm_type_arg(norm_type))
     k = kernels(foreach)
-    grads, labels = collect_grads(k, parameters_list(parameters))
+    params = parameters_list(parameters)
+    grads, labels = collect_grads(k, params)
     if not grads and process_group is None:
+        warn_if_no_gradients(params)
         return empty_norm()
-    batch, reduce = distributed_batch(k, grads, process_group)
-    check = raise_if_nonfinite(k, batch, labels) if error_if_nonfinite else None
-    _, norm = clip_by_total_norm(
-        k,
-        batch,
-        max_norm,
-        EPS,
-        p=p,
-        in_place=True,
-        reduce=reduce,
-        check=check,
-        hand_over=hand_over_to(optimizer, batch),
-        norm_divisor=amp_scale(scaler, optimizer) if scaler is not None else None,
-    )
-    return result_norm(k, norm, batch)
+    check = raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
+    decision = rule.decide(k, grads, [], process_group, check=check)
+    decision.apply(k)
+    return decision.returned_norm(k)
 
 
 clip_grad_norm = clip_grad_norm_
+
+
+@torch.no_grad()
+def clip_and_step(
+    optimizer: Any,
+    max_norm: Scalar | AdaptiveRule,
+    norm_type: float | str = 2.0,
+    *,
+    scaler: Any = None,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    process_group: Any = None,
+) -> torch.Tensor:
+    """Clip the gradients of every parameter of ``optimizer`` and take its step, in
+    one call, with no state left between calls.
+
+    The result equals ``clip_grad_norm_`` over the optimizer's parameters (all
+    its groups, in any order; parameters without ``.grad`` skipped) followed by
+    ``optimizer.step()``. Torch's fused optimizers (``Adam``, ``AdamW``, ``SGD``
+    with ``fused=True``) take the coefficient inside their fused step (no scale
+    pass over the gradients); any other optimizer gets its gradients scaled in
+    place first. A non-finite norm skips the step: parameters and optimizer
+    state stay as they were (on the CPU nothing is read to know it; elsewhere a
+    fused step skips inside its kernel, with no sync, and other optimizers
+    cost one host read, as ``GradScaler``'s own skip).
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``, or a trainer's wrapper holding one
+            in ``.optimizer`` (Lightning's ``LightningOptimizer``, accelerate's
+            ``AcceleratedOptimizer``): the parameters and the fused coefficient go
+            to the real optimizer, the step through the wrapper, so the trainer's
+            bookkeeping runs (and accelerate's gradient accumulation: mid-way
+            through it nothing is clipped).
+        max_norm: the largest total norm allowed (a finite number >= 0), or an
+            adaptive rule (``ZClip()``, ``AutoClip()``, ``AdaGC()``).
+        norm_type: as in ``clip_grad_norm_`` (a rule has its own).
+        scaler: a ``torch.amp.GradScaler`` whose ``scaler.scale(loss).backward()``
+            made the gradients: the norm is the unscaled gradients', the step is
+            ``scaler.step(optimizer)`` (which skips non-finite steps as usual); call
+            ``scaler.update()`` after, as usual. ``scaler.unscale_(optimizer)``
+            before the call is fine, not needed. A wrapper's own scaler (accelerate,
+            Lightning's ``16-mixed``) is found without this argument.
+        error_if_nonfinite: raise ``RuntimeError`` naming the non-finite gradients,
+            before anything changes, when the norm is NaN/inf.
+        foreach: as in ``clip_grad_norm_``.
+        process_group: as in ``clip_grad_norm_``.
+
+    Returns:
+        The pre-clip total norm of the (unscaled) gradients, as ``clip_grad_norm_``.
+
+    Examples:
+        >>> import torch
+        >>> from agclip.backends.torch import clip_and_step
+        >>> model = torch.nn.Linear(8, 4)
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        >>> model(torch.randn(16, 8)).pow(2).mean().mul(100).backward()
+        >>> norm = clip_and_step(optimizer, max_norm=1.0)  # clipped inside the fused step
+        >>> optimizer.zero_grad()
+
+    References:
+        Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent
+        neural networks", ICML 2013.
+    """
+    k = kernels(foreach)
+    _, decision = clip_then_step(
+        optimizer,
+        _rule(max_norm, norm_type),
+        scaler=scaler,
+        foreach=foreach,
+        process_group=process_group,
+        check_for=lambda grads, labels: (
+            raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
+        ),
+    )
+    return empty_norm() if decision is None else decision.returned_norm(k)
 
 
 @torch.no_grad()
@@ -195,7 +313,7 @@ def clip_grads_with_norm_(
     grads, _ = collect_grads(k, as_list(parameters))
     if grads:
         norm = torch.as_tensor(total_norm, dtype=torch.float64)
-        scale_by_norm(k, grads, norm, max_norm, EPS, in_place=True)
+        apply_factor(k, grads, clip_coefficient(k, norm, max_norm, EPS), in_place=True)
 
 
 @torch.no_grad()
@@ -232,33 +350,38 @@ def adaptive_clip_grad_(
 
     Args:
         parameters: a Tensor or an iterable of Tensors (``model.named_parameters()``
-            too: then ``exclude`` matches the names).
-        clip_factor: the largest gradient-to-parameter norm ratio.
+            too: then ``exclude`` matches the names), or a module (named).
+        clip_factor: the largest gradient-to-parameter norm ratio (``clipping`` in
+            the functional and optax forms).
         eps: the smallest parameter norm used (zero-initialised weights).
         norm_type: 2.0 (default), 1, ``inf`` or any p > 0.
         exclude: with named parameters, fnmatch patterns on the names (or a
             predicate) to leave alone, e.g. ``"head.*"`` for the classifier;
-            never by position.
+            never by position: unnamed parameters with ``exclude`` are a
+            ``ValueError``.
 
     References:
         Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image
         Recognition Without Normalization", ICML 2021.
     """
-    given = as_list(parameters)
-    named = bool(given) and all(isinstance(item, tuple) for item in given)
-    params, names = unzip_named(given) if named else (given, [str(i) for i in range(len(given))])
+    params, names = named_parameters(parameters)
+    if names is None and exclude not in ((), [], None, ""):
+        raise ValueError(
+            "adaptive_clip_grad_ excludes parameters by name: pass model.named_parameters() "
+            "(or the module) with exclude=..."
+        )
+    labels = names or [str(i) for i in range(len(params))]
     for index, param in enumerate(params):
         if not isinstance(param, torch.Tensor):
             raise TypeError(f"parameters[{index}] is a {type(param).__name__}, not a torch.Tensor")
     keep = [i for i, param in enumerate(params) if param.grad is not None]
-    grads = {names[i]: params[i].grad for i in keep}
-    weights = {names[i]: params[i].detach() for i in keep}
-    if not grads:
+    if not keep:
+        warn_if_no_gradients(params)
         return
-    skip = excluded(exclude) if named else (lambda path: False)
+    skip = excluded(exclude or ())
     new = adaptive_grad_clip(
-        grads,
-        weights,
+        {labels[i]: params[i].grad for i in keep},
+        {labels[i]: params[i].detach() for i in keep},
         clip_factor,
         layout="torch",
         eps=eps,
@@ -266,4 +389,4 @@ def adaptive_clip_grad_(
         exclude=lambda path: skip(path[2:-2]),  # paths read ['name']
     )
     for i in keep:
-        params[i].grad.copy_(new[names[i]])
+        params[i].grad.copy_(new[labels[i]])

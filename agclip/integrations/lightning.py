@@ -14,8 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from .._missing import missing
+
+try:
+    import torch
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError as error:
+    raise missing("lightning", error) from error
 
 from .._typing import Scalar
 from ..backends.torch import AdaptiveRule, GradientClipCallback

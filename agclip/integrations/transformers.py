@@ -15,7 +15,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from .._missing import missing
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as error:
+    raise missing("hf", error) from error
 
 from .._typing import Scalar
 from ..backends.torch import AdaptiveRule, GradientClipCallback

@@ -14,21 +14,31 @@ from ._tree import flatten
 from ._typing import ArrayTree, Scalar
 
 Layout = str | Callable[[Any], tuple[int, ...]]
-LAYOUTS = ("torch", "flax")
+LAYOUTS = ("torch", "flax", "optax")
+OPTAX_AXES = {2: (0,), 3: (0,), 4: (0, 1, 2)}  # optax's unitwise_norm, by rank
 
 
-def unit_axes(leaf: Any, layout: Layout) -> tuple[int, ...]:
+def unit_axes(leaf: Any, layout: Layout, path: str = "") -> tuple[int, ...]:
     """The axes a unit's norm reduces over. Scalars and vectors are one unit.
 
     ``"torch"``: the output axis is first (``nn.Linear``, ``nn.ConvNd``
     weights), so every other axis is reduced; ``"flax"``: the output axis is
-    last; a callable returns the axes for a leaf.
+    last; ``"optax"``: ``optax.adaptive_grad_clip``'s rule (a leaf that is a
+    vector once squeezed is one unit, ranks 2 and 3 reduce axis 0, rank 4 axes
+    0-2); a callable returns the axes for a leaf.
     """
-    ndim = len(leaf.shape)
+    shape = tuple(leaf.shape)
+    ndim = len(shape)
     if callable(layout):
         return tuple(layout(leaf))
-    if ndim <= 1:
+    if ndim <= 1 or (layout == "optax" and sum(size != 1 for size in shape) <= 1):
         return tuple(range(ndim))
+    if layout == "optax":
+        if ndim not in OPTAX_AXES:
+            raise ValueError(
+                f"layout='optax' takes leaves of rank <= 4, as optax; leaf {path} has shape {shape}"
+            )
+        return OPTAX_AXES[ndim]
     return tuple(range(1, ndim)) if layout == "torch" else tuple(range(ndim - 1))
 
 
@@ -36,8 +46,8 @@ def check_layout(layout: Any) -> Layout:
     if callable(layout) or layout in LAYOUTS:
         return layout  # type: ignore[no-any-return]
     raise ValueError(
-        f"layout must be 'torch' (output axis first), 'flax' (output axis last) or a "
-        f"callable giving a leaf's unit axes, got {layout!r}"
+        f"layout must be 'torch' (output axis first), 'flax' (output axis last), 'optax' "
+        f"(optax's rule) or a callable giving a leaf's unit axes, got {layout!r}"
     )
 
 
@@ -71,7 +81,8 @@ def adaptive_grad_clip(
         params: the parameters, a pytree of the same structure.
         clipping: the largest gradient-to-parameter norm ratio (>= 0).
         layout: ``"torch"`` (output axis first: timm's rule), ``"flax"``
-            (output axis last: optax's) or a callable ``leaf -> axes``.
+            (output axis last), ``"optax"`` (``optax.adaptive_grad_clip``'s rule:
+            equal to it on every shape it takes) or a callable ``leaf -> axes``.
         eps: the smallest parameter norm used (zero-initialised parameters).
         ord: 2 (default), 1, ``inf`` or any p > 0.
         exclude: fnmatch patterns on key paths (``"*head*"``) or a predicate.
@@ -98,15 +109,26 @@ def adaptive_grad_clip(
     if k is None:
         return grads
     params_flat = flatten(params)
-    if params_flat.paths != flat.paths:
+    for index, (path, grad) in enumerate(zip(flat.paths, flat.leaves, strict=False)):
+        there = params_flat.paths[index] if index < len(params_flat.paths) else "nothing"
+        if there != path or tuple(params_flat.leaves[index].shape) != tuple(grad.shape):
+            shape = "" if there != path else f" of shape {tuple(params_flat.leaves[index].shape)}"
+            raise ValueError(
+                f"params must have the structure and shapes of grads: grads' leaf {path} has "
+                f"shape {tuple(grad.shape)}, params has {there}{shape} there"
+            )
+    if len(params_flat.leaves) != len(flat.leaves):
         raise ValueError(
-            "params must have the structure of grads: grads has leaves "
-            f"{flat.paths[:4]}..., params {params_flat.paths[:4]}..."
+            f"params must have the structure of grads: params has {len(params_flat.leaves)} "
+            f"leaves, grads {len(flat.leaves)}"
         )
     skip = excluded(exclude)
     static = {
         "p": p,
-        "axes": tuple(unit_axes(leaf, layout) for leaf in flat.leaves),
+        "axes": tuple(
+            unit_axes(leaf, layout, path)
+            for leaf, path in zip(flat.leaves, flat.paths, strict=True)
+        ),
         "skip": tuple(skip(path) for path in flat.paths),
     }
     new = k.run(clip_units_by_params, flat.leaves, params_flat.leaves, clipping, eps, **static)

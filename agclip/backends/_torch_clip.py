@@ -1,0 +1,221 @@
+"""One clip in PyTorch, as plain steps: decide (the norm, then the factor: from a fixed
+threshold or an adaptive rule), then apply it in place or hand it to the optimizer
+step that follows in the same call (``clip_and_step``). Nothing outlives the call.
+
+torch's fused optimizers (Adam, AdamW, SGD with ``fused=True``) read two tensors
+in their step, ``grad_scale`` (every gradient is divided by it inside the fused
+kernel) and ``found_inf`` (the whole step is skipped when it is exactly 1);
+``torch.amp.GradScaler`` uses the same pair. A clip that sets ``1 / factor``
+and ``norm is not finite`` right before that step, and removes them right
+after, needs no scale pass of its own and no host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._kernels import Batch, Kernels
+from .._pipeline import apply_factor, apply_per_unit, clip_coefficient, needs_scaling, total_norm
+from ._torch_distributed import distributed_batch
+from ._torch_grads import EPS, collect_grads, grad_names, kernels, result_norm, warn_if_no_gradients
+from ._torch_kernels import host_readable
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass
+class Decision:
+    """What one clip decided: the pre-clip norm (the accumulator dtype), the factor
+    (0-d, or one per unit for a per-tensor rule) and what it applies to."""
+
+    norm: torch.Tensor
+    factor: torch.Tensor
+    batch: Batch  # the gradients (their local shards, for DTensors)
+    units: list[Batch] | None = None  # per-tensor rules: one batch per tensor
+
+    def returned_norm(self, k: Kernels) -> torch.Tensor:
+        return result_norm(k, self.norm, self.batch)
+
+    def clipped(self) -> torch.Tensor:
+        """Whether this step clipped anything (a 0-d bool tensor, on the device)."""
+        return (self.factor < 1).any()
+
+    def apply(self, k: Kernels) -> None:
+        """Scale the gradients in place (no pass where the factor is known to be 1)."""
+        if self.units is None:
+            apply_factor(k, self.batch, self.factor, in_place=True)
+        else:
+            apply_per_unit(k, self.units, self.factor, in_place=True)
+
+
+@dataclass(frozen=True)
+class FixedThreshold:
+    """A constant rule: every step clips the global norm at ``max_norm``."""
+
+    max_norm: Any
+    norm_type: float
+
+    def decide(
+        self,
+        k: Kernels,
+        grads: Batch,
+        keys: list[str],
+        process_group: Any,
+        *,
+        check: Callable[[torch.Tensor], None] | None = None,
+        divisor: torch.Tensor | None = None,
+    ) -> Decision:
+        batch, reduce = distributed_batch(k, grads, process_group)
+        norm = total_norm(k, batch, self.norm_type, reduce)
+        if divisor is not None:  # gradients still multiplied by a loss scale
+            norm = norm / divisor
+        if check is not None:
+            check(norm)
+        factor = clip_coefficient(k, norm, self.max_norm, EPS)
+        return Decision(norm, factor, batch)
+
+
+# -- the optimizer step -------------------------------------------------------------
+def real_optimizer(optimizer: Any) -> Any:
+    """The ``torch.optim.Optimizer`` inside trainer wrappers (Lightning's
+    ``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``: ``.optimizer``)."""
+    seen = {id(optimizer)}
+    while (inner := getattr(optimizer, "optimizer", None)) is not None and id(inner) not in seen:
+        if not hasattr(inner, "param_groups"):
+            break
+        seen.add(id(inner))
+        optimizer = inner
+    if not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be a torch optimizer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def loss_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
+    """The loss scale still on the gradients: ``None`` once ``scaler.unscale_(optimizer)``
+    ran, or when the scaler is off. Read on the device (no sync)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    state = scaler._per_optimizer_states.get(id(optimizer), {})
+    if getattr(state.get("stage"), "name", "") == "UNSCALED":
+        return None
+    scale: torch.Tensor | None = scaler._scale  # None before the first scaler.scale()
+    return None if scale is None else scale.double()
+
+
+def fuses_scaling(optimizer: Any) -> bool:
+    """Whether ``optimizer.step()`` applies ``grad_scale`` / ``found_inf`` itself, and
+    neither is set already (a GradScaler's or the caller's)."""
+    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    supports = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    free = not (hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"))
+    return fused and supports and free and not _first_momentum_step(optimizer)
+
+
+def _first_momentum_step(optimizer: Any) -> bool:
+    """Fused SGD with momentum leaves its momentum buffers unset when its very first
+    step is skipped through ``found_inf``: that step takes the plain path."""
+    return any(
+        group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    )
+
+
+def wrapper_scaler(optimizer: Any) -> Any:
+    """The GradScaler a trainer's optimizer wrapper steps through, if any (accelerate's
+    ``AcceleratedOptimizer.scaler``; Lightning's precision plugin)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None:
+        plugin = getattr(getattr(optimizer, "_strategy", None), "precision_plugin", None)
+        scaler = getattr(plugin, "scaler", None)
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def step_after(k: Kernels, decision: Decision, optimizer: Any, inner: Any, scaler: Any) -> None:
+    """Apply the decision and step, once: the factor inside a fused step where it can
+    ride there, else the gradients scaled here.
+
+    A non-finite norm skips the step. Where a loss scaler is in play (``scaler``, or
+    the wrapper's own) it decides the skip as it would without agclip, and lowers its
+    scale; otherwise the step is not taken at all (read on the host: free on the CPU,
+    one sync elsewhere, as GradScaler's own skip), or, in a fused step off the CPU,
+    skipped inside the kernel through ``found_inf`` (no sync).
+    """
+    factor, norm = decision.factor, decision.norm
+    scaled = (scaler is not None and scaler.is_enabled()) or wrapper_scaler(optimizer) is not None
+    fused = decision.units is None and fuses_scaling(inner)
+    readable = host_readable(norm)
+    if fused and readable and math.isfinite(float(norm)) and float(factor) < 1 / FLOAT32_MAX:
+        fused = False  # 1 / factor beyond float32: scale here instead
+    if not scaled and (readable or not fused) and not bool(torch.isfinite(norm)):
+        return  # skipped: parameters, optimizer state and gradients untouched
+    if not fused:
+        decision.apply(k)
+        _step(optimizer, scaler)
+        return
+    if not needs_scaling(k, factor):
+        _step(optimizer, scaler)  # nothing to clip: the step runs as it would alone
+        return
+    device = decision.batch.leaves[0].device
+    ours = {"grad_scale": (1.0 / factor).clamp(max=FLOAT32_MAX).to(device, torch.float32)}
+    if not scaled:  # a GradScaler sets (and removes) found_inf itself
+        ours["found_inf"] = (~torch.isfinite(norm)).to(device, torch.float32)
+    for name, value in ours.items():
+        setattr(inner, name, value)
+    try:
+        _step(optimizer, scaler)
+    finally:
+        for name, value in ours.items():
+            if getattr(inner, name, None) is value:
+                delattr(inner, name)
+
+
+def _step(optimizer: Any, scaler: Any) -> None:
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
+
+
+def clip_then_step(
+    optimizer: Any,
+    rule: Any,
+    *,
+    scaler: Any,
+    foreach: bool | None,
+    process_group: Any,
+    check_for: Callable[[Batch, Any], Callable[[torch.Tensor], None] | None],
+    names_for: Callable[[list[Any]], list[str] | None] = lambda params: None,
+) -> tuple[Kernels, Decision | None]:
+    """Clip the gradients of every parameter of ``optimizer`` (all groups, any order)
+    by ``rule`` and take the step, in one call. ``check_for(grads, labels)`` gives the
+    check that runs between the norm and the first write."""
+    inner = real_optimizer(optimizer)
+    params = list(dict.fromkeys(p for group in inner.param_groups for p in group["params"]))
+    names = names_for(params)
+    k = kernels(foreach)
+    grads, labels = collect_grads(k, params, names)
+    if not grads and process_group is None:
+        warn_if_no_gradients(params)
+        _step(optimizer, scaler)
+        return k, None
+    divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
+    if getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False:
+        # accelerate, mid-accumulation: its step does nothing yet, so nothing is clipped
+        # (nor counted by a rule); the norm of the gradients so far, for logs
+        unclipped = FixedThreshold(math.inf, rule.norm_type)
+        decision = unclipped.decide(k, grads, [], process_group, divisor=divisor)
+        _step(optimizer, scaler)
+        return k, decision
+    check = check_for(grads, labels)
+    decision = rule.decide(
+        k, grads, grad_names(params, names), process_group, check=check, divisor=divisor
+    )
+    step_after(k, decision, optimizer, inner, scaler)
+    return k, decision

@@ -1,0 +1,337 @@
+"""``clip_and_step(optimizer, max_norm)``: one call that clips the optimizer's gradients
+and steps, equal to torch's ``clip_grad_norm_`` over the optimizer's parameters then
+``step()``; the coefficient inside a fused step; non-finite norms skip the step;
+GradScaler composes; wrappers step through; nothing is left on the optimizer."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+
+from support import grad_of
+
+from agclip.backends.torch import GradientClipCallback, ZClip, clip_and_step, clip_grad_norm_
+
+OPTIMIZERS: dict[str, Callable[[Any], Any]] = {
+    "AdamW-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
+    "Adam-fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    "SGD-fused": lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9, fused=True),
+    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-2),
+    "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-1, momentum=0.9),
+}
+FUSED = {name: make for name, make in OPTIMIZERS.items() if name.endswith("fused")}
+
+
+def _model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.LayerNorm(8), torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)
+    )
+
+
+def _groups(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The usual decay / no-decay groups, each in reverse order: the LayerNorm and
+    the biases first, nothing in the order of ``model.parameters()``."""
+    named = list(model.named_parameters())
+    no_decay = [p for name, p in reversed(named) if name.startswith("0.") or "bias" in name]
+    decay = [p for name, p in reversed(named) if not (name.startswith("0.") or "bias" in name)]
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": 0.1}]
+
+
+def _backward(model: torch.nn.Module, seed: int = 1, scale: float = 100.0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+    (scale * torch.nn.functional.mse_loss(model(x), y)).backward()
+
+
+def _twins(make: Callable[[Any], Any], grouped: bool = False) -> tuple[Any, Any, Any, Any]:
+    ours, theirs = _model(), _model()
+    params = _groups if grouped else (lambda m: list(m.parameters()))
+    return ours, make(params(ours)), theirs, make(params(theirs))
+
+
+def _params_of(optimizer: Any) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _assert_same(ours: Any, theirs: Any, our_opt: Any, their_opt: Any, tol: float = 1e-6) -> None:
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol / 10)
+    mine, other = our_opt.state_dict()["state"], their_opt.state_dict()["state"]
+    assert mine.keys() == other.keys()
+    for key, values in other.items():
+        for name, value in values.items():
+            torch.testing.assert_close(mine[key][name], value, rtol=tol, atol=tol / 10)
+
+
+def _nothing_left(optimizer: Any) -> None:
+    assert not hasattr(optimizer, "grad_scale")
+    assert not hasattr(optimizer, "found_inf")
+    assert not optimizer._optimizer_step_pre_hooks
+    assert not optimizer._optimizer_step_post_hooks
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["parameters", "groups-reordered"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_equals_torchs_clip_then_step(name: str, grouped: bool) -> None:
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name], grouped)
+    for step in range(3):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        norm = clip_and_step(our_opt, 1.0)
+        want = torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
+        their_opt.step()
+        torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+        _assert_same(ours, theirs, our_opt, their_opt)
+        _nothing_left(our_opt)
+        our_opt.zero_grad(set_to_none=step % 2 == 0)  # either way, nothing leaks
+        their_opt.zero_grad(set_to_none=step % 2 == 0)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_fused_step_takes_the_coefficient_without_a_scale_pass(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = _model()
+    optimizer = FUSED[name](model.parameters())
+    _backward(model)
+    clip_and_step(optimizer, 1.0)  # fused SGD's first step takes the plain path (see below)
+    _backward(model)
+    calls = []
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a: calls.append(a))
+    clip_and_step(optimizer, 1.0)
+    assert not calls  # the gradients were not scaled here
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_only_the_optimizers_parameters_are_clipped(name: str) -> None:
+    model = _model()
+    head = model[3]
+    optimizer = OPTIMIZERS[name](head.parameters())
+    _backward(model)
+    others = [grad_of(p).clone() for p in model[:3].parameters()]
+    want = float(torch.nn.utils.get_total_norm([grad_of(p) for p in head.parameters()]))
+    assert float(clip_and_step(optimizer, 1e-3)) == pytest.approx(want, rel=1e-6)
+    earlier = model[:3].parameters()
+    assert all(torch.equal(grad_of(p), g) for p, g in zip(earlier, others, strict=True))
+
+
+class Wrapper:
+    """A trainer's optimizer wrapper (Lightning's and accelerate's shape): the real
+    optimizer in ``.optimizer``, its own ``step`` with bookkeeping."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_wrapped_optimizer_steps_through_its_wrapper(name: str) -> None:
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name], grouped=True)
+    wrapper = Wrapper(our_opt)
+    for step in range(2):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        clip_and_step(wrapper, 1.0)
+        torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt)
+    assert wrapper.steps == 2
+    _nothing_left(our_opt)
+
+
+def _state_of(optimizer: Any) -> dict[Any, dict[str, Any]]:
+    return copy.deepcopy(optimizer.state_dict()["state"])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_nonfinite_norm_skips_the_step_bit_for_bit(name: str) -> None:
+    model = _model()
+    optimizer = OPTIMIZERS[name](model.parameters())
+    _backward(model)
+    clip_and_step(optimizer, 1.0)  # some optimizer state to keep
+    optimizer.zero_grad()
+    params, state = [p.detach().clone() for p in model.parameters()], _state_of(optimizer)
+    _backward(model)
+    grad_of(next(iter(model.parameters())))[0] = math.nan
+    grads = [grad_of(p).clone() for p in model.parameters()]
+    assert math.isnan(float(clip_and_step(optimizer, 1.0)))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params, strict=True))
+    after = optimizer.state_dict()["state"]
+    assert all(torch.equal(after[i][n], v) for i in state for n, v in state[i].items())
+    for p, g in zip(model.parameters(), grads, strict=True):  # untouched, NaN included
+        assert torch.equal(grad_of(p).nan_to_num(7.0), g.nan_to_num(7.0))
+    _nothing_left(optimizer)
+
+
+def test_a_skipped_first_fused_sgd_step_leaves_no_unset_momentum() -> None:
+    """torch's fused SGD leaves its momentum buffers unset when its very first step is
+    skipped through ``found_inf``; later steps then read garbage."""
+    ours, our_opt, theirs, their_opt = _twins(FUSED["SGD-fused"])
+    _backward(ours)
+    grad_of(next(iter(ours.parameters())))[0] = math.inf
+    clip_and_step(our_opt, 1.0)  # skipped
+    assert not our_opt.state
+    for step in range(3):
+        for model in (ours, theirs):
+            model.zero_grad()
+            _backward(model, seed=step)
+        clip_and_step(our_opt, 1.0)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_ratio_beyond_float32_still_clips(name: str) -> None:
+    """norm / max_norm above 3.4e38: 1 / coefficient overflows float32."""
+    model = torch.nn.Linear(4, 1)
+    reference = copy.deepcopy(model)
+    for p in [*model.parameters(), *reference.parameters()]:
+        p.grad = torch.full_like(p, 1e30)
+    optimizer = OPTIMIZERS[name](model.parameters())
+    theirs = OPTIMIZERS[name](reference.parameters())
+    clip_and_step(optimizer, 1e-10)
+    clip_grad_norm_(reference.parameters(), 1e-10)  # agclip's in-place clip: exact
+    assert float(torch.nn.utils.get_total_norm([grad_of(p) for p in reference.parameters()])) == (
+        pytest.approx(1e-10, rel=1e-5)
+    )
+    theirs.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_error_if_nonfinite_raises_before_anything_changes() -> None:
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    _backward(model)
+    grad_of(model[3].weight)[0, 0] = math.inf
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"parameters\[4\]"):
+        clip_and_step(optimizer, 1.0, error_if_nonfinite=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params, strict=True))
+    assert not optimizer.state
+    _nothing_left(optimizer)
+
+
+def _scaled_backward(model: Any, scaler: Any, step: int) -> None:
+    generator = torch.Generator().manual_seed(step)
+    x, y = torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+    scaler.scale(100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+
+
+@pytest.mark.parametrize("unscaled_first", [False, True], ids=["scaled", "unscaled-first"])
+@pytest.mark.parametrize("name", ["AdamW-fused", "SGD-fused", "AdamW", "SGD"])
+def test_grad_scaler_equals_torchs_recipe(name: str, unscaled_first: bool) -> None:
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name])
+    our_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    their_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        _scaled_backward(ours, our_scaler, step)
+        _scaled_backward(theirs, their_scaler, step)
+        if step == 2:  # an overflowing step: both scalers skip it and halve their scale
+            grad_of(next(iter(ours.parameters())))[0] = math.inf
+            grad_of(next(iter(theirs.parameters())))[0] = math.inf
+        if unscaled_first:
+            our_scaler.unscale_(our_opt)
+        norm = clip_and_step(our_opt, 1.0, scaler=our_scaler)
+        their_scaler.unscale_(their_opt)
+        want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_scaler.step(their_opt)
+        if step != 2:
+            torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
+        our_scaler.update()
+        their_scaler.update()
+        _assert_same(ours, theirs, our_opt, their_opt, tol=1e-5)
+        _nothing_left(our_opt)
+        our_opt.zero_grad()
+        their_opt.zero_grad()
+    assert float(our_scaler.get_scale()) == float(their_scaler.get_scale()) == 2.0**9
+
+
+def test_clip_grad_norm_has_torchs_signature_plus_process_group() -> None:
+    ours = inspect.signature(clip_grad_norm_).parameters
+    theirs = inspect.signature(torch.nn.utils.clip_grad_norm_).parameters
+    assert list(ours) == [*theirs, "process_group"]
+    model = _model()
+    _backward(model)
+    for name in ("optimizer", "scaler"):
+        gone: dict[str, Any] = {name: object()}  # the old hand-over keywords
+        with pytest.raises(TypeError, match=name):
+            clip_grad_norm_(model.parameters(), 1.0, **gone)
+
+
+def test_the_callback_clips_and_steps_with_its_statistics() -> None:
+    ours, our_opt, theirs, their_opt = _twins(FUSED["AdamW-fused"], grouped=True)
+    callback = GradientClipCallback(max_norm=1.0)
+    callback.set_model(ours)
+    for step in range(3):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        norm = callback.clip_and_step(our_opt)
+        want = torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
+        their_opt.step()
+        torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
+        _assert_same(ours, theirs, our_opt, their_opt)
+    assert callback.steps == callback.clipped_steps == 3
+    _nothing_left(our_opt)
+
+
+def test_an_adaptive_rule_as_the_threshold() -> None:
+    ours, our_opt, theirs, their_opt = _twins(FUSED["AdamW-fused"])
+    mine, reference = ZClip(warmup_steps=2), ZClip(warmup_steps=2)
+    for step in range(6):
+        scale = 100.0 if step == 5 else 1.0 + 0.1 * step
+        _backward(ours, seed=step, scale=scale)
+        _backward(theirs, seed=step, scale=scale)
+        norm = clip_and_step(our_opt, mine)
+        torch.testing.assert_close(norm, reference.step(theirs), rtol=1e-6, atol=0)
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt)
+        our_opt.zero_grad()
+        their_opt.zero_grad()
+    assert int(mine.spikes) == int(reference.spikes) == 1
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+@needs_cuda
+def test_cuda_fused_step_matches_torch_without_a_host_sync() -> None:
+    torch.manual_seed(0)
+    ours = _model().cuda()
+    theirs = copy.deepcopy(ours)
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    x, y = torch.randn(16, 8, device="cuda"), torch.randn(16, 4, device="cuda")
+    for model in (ours, theirs):
+        (100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+    our_opt.step()  # the state exists: the checked call below allocates nothing new
+    their_opt.step()
+    for model in (ours, theirs):
+        model.zero_grad()
+        (100 * torch.nn.functional.mse_loss(model(x), y)).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        clip_and_step(our_opt, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+    their_opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
