@@ -58,7 +58,7 @@ mindeps-test:
 gpu-check: $(STAMP)
 	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device here'; print(torch.cuda.get_device_name())"
 	AGCLIP_BACKENDS=torch_cuda $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_core.py tests/test_hardening.py tests/test_properties.py
-	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_torch_adapter.py tests/test_fused_step.py tests/test_distributed.py -k "cuda or nccl"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rs tests/test_torch_adapter.py tests/test_clip_and_step.py tests/test_torch_compile.py tests/test_distributed.py -k "cuda or nccl"
 	$(BIN)/python benchmarks/bench_torch.py --repeats 7
 
 demo: $(STAMP)

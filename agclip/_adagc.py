@@ -7,7 +7,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._checks import check_count, check_eps, check_range, check_threshold
-from ._kernels import Kernels, quiet
+from ._kernels import Kernels
 from ._rule import Hyper, RuleSpec, counted, like_value, scalars
 
 
@@ -76,7 +76,7 @@ def _thresholds(
     each_threshold = xp.where(warm | unset, xp.full_like(gamma, math.inf), own)
 
     def update(factors: Any) -> AdaGCState:
-        with quiet():
+        with k.quiet():
             clipped = xp.astype(factors, gamma.dtype) * norms
             warm_gamma = xp.minimum(gamma, clipped)
             ema_gamma = cfg["beta"] * gamma + (1.0 - cfg["beta"]) * clipped

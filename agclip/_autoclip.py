@@ -7,7 +7,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._checks import check_range
-from ._kernels import Kernels, quiet
+from ._kernels import Kernels
 from ._rule import Hyper, RuleSpec, counted, like_value, scalars
 
 
@@ -58,7 +58,7 @@ def _thresholds(
     high = xp.minimum(low + 1, last)
     below = xp.take(ordered, xp.reshape(low, (1,)))[0]
     above = xp.take(ordered, xp.reshape(high, (1,)))[0]
-    with quiet():
+    with k.quiet():
         found = below + (above - below) * (position - xp.astype(low, x.dtype))
     threshold = xp.where(held > 0, found, xp.full_like(x, math.inf))
     new = AutoClipState(

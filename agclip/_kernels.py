@@ -18,6 +18,7 @@ The contract, in one place:
 ``sum_of_powers``      sum(|x * scale|**p) over the batch (times each group's weight)
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
+``quiet``              a context without overflow warnings
 ``peek``               a 0-d array's value where reading it is free (host, untraced)
 ``select``             value() if keep else fallback() (the guard's branch)
 ``on_device_of``       an array moved to another array's device
@@ -46,9 +47,10 @@ L1, L2 = 1.0, 2.0  # the norm orders with cheap power forms
 
 
 def quiet() -> np.errstate:
-    """Silence NumPy's overflow/invalid warnings (NumPy-backed libraries too): an
-    overflowing fast path is expected, and handled by the norm's guard."""
-    return np.errstate(over="ignore", invalid="ignore")
+    """Silence NumPy's overflow, invalid and divide-by-zero warnings (NumPy-backed
+    libraries too): an overflowing fast path is expected, and handled by the norm's
+    guard; a z-score over a zero spread may divide by zero, and is handled too."""
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
@@ -97,6 +99,12 @@ class Kernels:
         self.xp = xp
         self.foreach = foreach
 
+    def quiet(self) -> Any:
+        """A context without overflow warnings: NumPy's (and NumPy-backed libraries')
+        are silenced; libraries that warn about nothing need no context (and a
+        compiler tracing them meets none)."""
+        return quiet()
+
     # -- preparing ----------------------------------------------------------
     def prepare(self, leaves: Sequence[Any]) -> Batch:
         """The leaves of one call as a :class:`Batch` (backend data computed once)."""
@@ -144,7 +152,7 @@ class Kernels:
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
         """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
         xp = self.xp
-        with quiet():
+        with self.quiet():
             parts = []
             for weight, leaf in weighted_leaves(batch):
                 if _size(leaf):
@@ -211,7 +219,7 @@ class Kernels:
         16-bit leaves are multiplied in float32: a small factor cast to float16
         first would lose its digits or flush to zero.
         """
-        with quiet():
+        with self.quiet():
             return [self._scaled(leaf, factor) for leaf in batch.leaves]
 
     def _scaled(self, leaf: Any, factor: Any) -> Any:
@@ -224,7 +232,7 @@ class Kernels:
 
     def scale_(self, batch: Batch, factor: Any) -> None:
         """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
-        with quiet():
+        with self.quiet():
             for leaf in batch.leaves:
                 leaf[...] = self._scaled(leaf, factor)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._kernels import Batch, Kernels, pow_abs, quiet
+from ._kernels import Batch, Kernels, pow_abs
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     if not (isinstance(eps, (int, float)) and eps > 0):  # eps may be 0, or traced
         tiny = float(xp.finfo(norm.dtype).smallest_normal)
         denominator = xp.maximum(denominator, xp.full_like(norm, tiny))
-    with quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
+    with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
         return xp.clip(max_norm / denominator, max=1.0)
 
 
@@ -179,7 +179,7 @@ def norm_of_norms(k: Kernels, norms: Any, p: float) -> Any:
     peak = xp.max(norms)
     if math.isinf(p):
         return peak
-    with quiet():
+    with k.quiet():
         return by_largest(
             k,
             peak,
@@ -266,7 +266,7 @@ def clip_units_by_params(
         g_norm = unit_norms(k, wide, unit_axes, p)
         p_norm = unit_norms(k, xp.astype(param, work), unit_axes, p)
         max_norm = clipping * xp.maximum(p_norm, xp.full_like(p_norm, eps))
-        with quiet():
+        with k.quiet():
             floor = xp.full_like(g_norm, 1e-6)
             factor = xp.where(
                 g_norm > max_norm, max_norm / xp.maximum(g_norm, floor), xp.ones_like(g_norm)

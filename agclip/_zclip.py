@@ -7,7 +7,7 @@ import math
 from typing import Any, NamedTuple
 
 from ._checks import check_count, check_eps, check_flag, check_range, check_threshold, choice
-from ._kernels import Kernels, quiet
+from ._kernels import Kernels
 from ._rule import Hyper, RuleSpec, as_flag, counted, scalars
 
 # Statistics without spread (constant norms) cannot tell an outlier: every larger norm
@@ -78,7 +78,7 @@ def _thresholds(
     std = xp.sqrt(var)
     warm = (state.count < cfg["warmup_steps"]) | ~(std > SPREAD * mean)
     z_thresh = cfg["z_thresh"]
-    with quiet():
+    with k.quiet():
         if mode == "percentile":
             clip_val = mean + z_thresh * std
             spike = x > clip_val

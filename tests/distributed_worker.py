@@ -383,6 +383,61 @@ def adagc_refuses_pipeline_stages() -> dict[str, Any]:
     return {"raised": raised}
 
 
+def subgroups() -> dict[str, Any]:
+    """Two halves of the world, each its own model: a rank's norm is over its group's
+    gradients only, whatever the other half holds (no assumption of copies)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    half = world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
+    mine = rank // half
+    every = list(mlp().parameters())
+    grads = full_grads(1.0 + 10.0 * mine)  # the halves differ
+    give_grads(every, grads)
+    owned = [i for i in range(len(every)) if i * half // len(every) == rank % half]
+    params = [every[i] for i in owned]
+    return run_clip(params, [grads[i] for i in owned], everyone=grads, process_group=groups[mine])
+
+
+def adagc_rank_without_gradients() -> dict[str, Any]:
+    """One rank holds no gradient at all: every rank raises the same clear error."""
+    from agclip.backends.torch import AdaGC
+
+    every = list(mlp().parameters())
+    give_grads(every, full_grads())
+    mine = every if dist.get_rank() else []
+    try:
+        AdaGC(process_group=dist.group.WORLD).step(mine)
+        raised = ""
+    except ValueError as error:
+        raised = str(error)
+    return {"raised": raised}
+
+
+def fsdp2_clip_and_step() -> dict[str, Any]:
+    """FSDP2 with a fused AdamW: the coefficient of the global norm inside the step,
+    against the same step on the full model here."""
+    from torch.distributed.fsdp import fully_shard
+
+    from agclip.backends.torch import clip_and_step
+
+    model, reference = mlp(), mlp(device="cpu")
+    fully_shard(model, mesh=init_device_mesh(DEVICE, (dist.get_world_size(),)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    theirs = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    worst = 0.0
+    for step in range(3):
+        grads = full_grads(1.0 + step)
+        give_grads(list(model.parameters()), grads)
+        give_grads(list(reference.parameters()), grads)
+        norm, comms = counted(lambda: clip_and_step(optimizer, 1.0))
+        want = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        theirs.step()
+        worst = max(worst, abs(float(norm) - float(want)) / float(want))
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            worst = max(worst, float((full(a).double().cpu() - b.double()).abs().max()))
+    return {"worst": worst, "comms": comms}
+
+
 CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "fsdp2_p2": lambda: fsdp2(2.0),
     "fsdp2_p1": lambda: fsdp2(1.0),
@@ -401,6 +456,9 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "adaptive_rules_fsdp2": lambda: adaptive_rules("fsdp2"),
     "adaptive_rules_pipeline": lambda: adaptive_rules("pipeline"),
     "adagc_refuses_pipeline_stages": adagc_refuses_pipeline_stages,
+    "adagc_rank_without_gradients": adagc_rank_without_gradients,
+    "subgroups": subgroups,
+    "fsdp2_clip_and_step": fsdp2_clip_and_step,
 }
 WORLD_4_ONLY: dict[str, Callable[[], dict[str, Any]]] = {"hsdp_2x2": hsdp, "pp2_x_fsdp2": pp_fsdp2}
 

@@ -148,3 +148,66 @@ def test_jax_flax_layout_matches_optax_and_torch_layout_matches_timm() -> None:
         np.testing.assert_allclose(np.asarray(got[key]), want_np, rtol=2e-6, atol=1e-7)
     with pytest.raises(ValueError, match="needs params"):
         ours.update(grads, ours.init(params))
+
+
+OPTAX_SHAPES = [(), (7,), (1, 9), (9, 1), (6, 4), (5, 3, 4), (3, 3, 2, 4), (1, 1, 1, 6)]
+
+
+def test_the_optax_layout_equals_optax_on_every_rank_it_takes() -> None:
+    """optax reduces ranks 2 and 3 over axis 0 only (3-D attention kernels), ranks 4
+    over axes 0-2, and makes a leaf that is a vector once squeezed one unit."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    from agclip.backends.jax import adaptive_grad_clip
+
+    rng = np.random.default_rng(5)
+    grads = {str(s): jax.numpy.asarray(rng.standard_normal(s) * 3, "float32") for s in OPTAX_SHAPES}
+    params = {
+        k: jax.numpy.asarray(rng.standard_normal(v.shape), "float32") for k, v in grads.items()
+    }
+    ours, theirs = adaptive_grad_clip(0.05), optax.adaptive_grad_clip(0.05)
+    got, _ = jax.jit(ours.update)(grads, ours.init(params), params)
+    want, _ = theirs.update(grads, theirs.init(params), params)
+    for key in grads:
+        np.testing.assert_allclose(
+            np.asarray(got[key]), np.asarray(want[key]), rtol=2e-6, atol=1e-7
+        )
+    functional = agclip.adaptive_grad_clip(
+        {k: np.asarray(v) for k, v in grads.items()},
+        {k: np.asarray(v) for k, v in params.items()},
+        0.05,
+        layout="optax",
+    )
+    for key in grads:
+        np.testing.assert_allclose(functional[key], np.asarray(want[key]), rtol=2e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"rank <= 4.*\['big'\] has shape \(2, 2, 2, 2, 2\)"):
+        agclip.adaptive_grad_clip(
+            {"big": np.ones((2,) * 5)}, {"big": np.ones((2,) * 5)}, 0.1, layout="optax"
+        )
+
+
+def test_params_must_match_the_gradients_shapes() -> None:
+    grads, params = _tree()
+    wrong = {**params, "conv": np.ones((1, 2))}
+    with pytest.raises(
+        ValueError, match=r"\['conv'\] has shape .* params has \['conv'\] of shape \(1, 2\)"
+    ):
+        agclip.adaptive_grad_clip(grads, wrong, 0.1, layout="torch")
+    one, two = {"a": np.ones(2)}, {"a": np.ones(2), "b": np.ones(2)}
+    with pytest.raises(ValueError, match=r"\['b'\] has shape \(2,\), params has nothing there"):
+        agclip.adaptive_grad_clip(two, one, 0.1, layout="torch")
+    with pytest.raises(ValueError, match="params has 2 leaves, grads 1"):
+        agclip.adaptive_grad_clip(one, two, 0.1, layout="torch")
+
+
+def test_torch_exclude_without_names_is_an_error() -> None:
+    """It cannot exclude by name what has no name: silently ignoring it clipped the head."""
+    from agclip.backends.torch import adaptive_clip_grad_
+
+    model = _conv_net()
+    before = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with pytest.raises(ValueError, match="excludes parameters by name"):
+        adaptive_clip_grad_(model.parameters(), 0.01, exclude="3.*")
+    after = [p.grad for p in model.parameters() if p.grad is not None]
+    assert all(bool((a == b).all()) for a, b in zip(after, before, strict=True))
+    adaptive_clip_grad_(model, 0.01, exclude="3.*")  # a module: named

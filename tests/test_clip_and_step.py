@@ -335,3 +335,53 @@ def test_cuda_fused_step_matches_torch_without_a_host_sync() -> None:
     their_opt.step()
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_accelerates_optimizer_steps_once_per_accumulation() -> None:
+    """accelerate's ``AcceleratedOptimizer`` only steps when gradients are synced: the
+    micro-steps in between clip nothing, the last one clips the accumulated gradients."""
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
+    ours, theirs = _model(), _model()
+    our_opt = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=True)
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=1e-2, fused=True)
+    ours, wrapped = accelerator.prepare(ours, our_opt)
+    for step in range(4):
+        with accelerator.accumulate(ours):
+            _backward(ours, seed=step)
+            clip_and_step(wrapped, 1.0)
+        _backward(theirs, seed=step)
+        if step % 2 == 1:  # the reference: clip the accumulated gradients, then step
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            their_opt.step()
+            their_opt.zero_grad()
+            wrapped.zero_grad()
+    _assert_same(ours, theirs, our_opt, their_opt)
+    _nothing_left(our_opt)
+
+
+@pytest.mark.parametrize("name", ["AdamW-fused", "AdamW"])
+def test_a_wrappers_own_grad_scaler_is_found(name: str) -> None:
+    """accelerate's fp16 wrapper steps through its own GradScaler: the norm is the
+    unscaled gradients', without passing the scaler."""
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerate.Accelerator(cpu=True)
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    wrapped = AcceleratedOptimizer(our_opt, device_placement=False, scaler=scaler)
+    their_scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(3):
+        _scaled_backward(ours, scaler, step)
+        _scaled_backward(theirs, their_scaler, step)
+        norm = clip_and_step(wrapped, 1.0)  # the wrapper updates its scaler itself
+        their_scaler.unscale_(their_opt)
+        want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_scaler.step(their_opt)
+        their_scaler.update()
+        torch.testing.assert_close(norm, want, rtol=1e-5, atol=0)
+        _assert_same(ours, theirs, our_opt, their_opt, tol=1e-5)
+        wrapped.zero_grad()
+        their_opt.zero_grad()
+    _nothing_left(our_opt)

@@ -95,6 +95,34 @@ def test_adagc_refuses_pipeline_stages_on_every_rank(
         assert "every rank to hold a part of every gradient tensor" in result["raised"]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_process_group_norm_is_over_that_group_only(
+    ranks: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    results = _results(ranks, world, "subgroups")
+    half = world // 2
+    _check_global_and_cheap(results[:half])
+    _check_global_and_cheap(results[half:])
+    assert results[0]["ref"] != results[-1]["ref"]  # the halves hold different models
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_adagc_with_a_rank_without_gradients_raises_on_every_rank(
+    ranks: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    results = _results(ranks, world, "adagc_rank_without_gradients")
+    assert all("between 0 and 6 tensors" in r["raised"] for r in results)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_clip_and_step_with_fsdp2_and_a_fused_adamw(
+    ranks: dict[int, list[dict[str, Any]]], world: int
+) -> None:
+    for result in _results(ranks, world, "fsdp2_clip_and_step"):
+        assert result["worst"] <= 1e-5
+        assert sum(result["comms"].values()) <= 1, result["comms"]
+
+
 @pytest.mark.parametrize(("world", "case"), CASES, ids=[f"{c}-world{w}" for w, c in CASES])
 def test_the_norm_is_global_exact_and_costs_one_all_reduce(
     ranks: dict[int, list[dict[str, Any]]], world: int, case: str

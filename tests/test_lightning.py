@@ -163,3 +163,121 @@ def test_manual_optimization_clips_at_each_optimizer_step() -> None:
     _fit(Regression(manual=True), [clipping])
     assert clipping.clipper.steps == 4
     assert clipping.clipper.clipped_steps == 4
+
+
+class TwoOptimizers(Regression):
+    """Manual optimization with two optimizers, each stepping its own layer; the
+    reference clips with Lightning's own ``clip_gradients`` before each step."""
+
+    def __init__(self, ours: bool):
+        super().__init__(manual=True)
+        self.ours = ours
+
+    def training_step(self, batch: Any, index: int) -> Any:
+        x, y = batch
+        optimizers: Any = self.optimizers()
+        first, second = optimizers
+        loss = self.scale * torch.nn.functional.mse_loss(self.net(x), y)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        for optimizer, limit in ((first, 0.5), (second, 2.0)):
+            if not self.ours:
+                self.clip_gradients(
+                    optimizer, gradient_clip_val=limit, gradient_clip_algorithm="norm"
+                )
+            optimizer.step()
+        return None
+
+    def configure_optimizers(self) -> Any:
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.01),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.01),
+        ]
+
+
+def test_each_optimizer_step_clips_that_optimizers_parameters() -> None:
+    class PerOptimizer(GradientClipping):
+        """The first optimizer clipped at 0.5, the second at 2.0 (its own limit)."""
+
+        first: Any
+        second: Any
+
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            first = trainer.optimizers[0]
+            self.clipper = self.first if optimizer is first else self.second
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    clipping = PerOptimizer(max_norm=1.0)
+    clipping.first, clipping.second = GradientClipping(0.5).clipper, GradientClipping(2.0).clipper
+    ours, theirs = TwoOptimizers(ours=True), TwoOptimizers(ours=False)
+    for clipper in (clipping.first, clipping.second):
+        clipper.set_model(ours)
+    _fit(ours, [clipping])
+    _fit(theirs, [])
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert clipping.first.steps == clipping.second.steps == 4
+
+
+class FusedAdamW(Regression):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
+
+
+def test_16_mixed_with_a_fused_optimizer_clips_the_unscaled_gradients() -> None:
+    """Lightning leaves a fused optimizer's gradients scaled until its step (and its own
+    clipping refuses the pair); the callback takes the norm of the unscaled gradients."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    def plugin() -> Any:
+        return MixedPrecision(
+            "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=256.0)
+        )
+
+    ours, theirs = FusedAdamW(fused=True), FusedAdamW(fused=False)
+    clipping = GradientClipping(max_norm=1.0, warn_nonfinite=False)
+    _fit(ours, [clipping], plugins=[plugin()])
+    _fit(theirs, [], plugins=[plugin()], gradient_clip_val=1.0)  # unfused: Lightning clips
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    last = clipping.clipper.last_norm
+    assert last is not None
+    assert 1.0 < float(last) < 1e3  # unscaled (scaled: x256)
+    assert clipping.clipper.clipped_steps == 4
+
+
+class ClipAndStep(Regression):
+    """Manual optimization through agclip's one call: the LightningOptimizer wrapper steps."""
+
+    def __init__(self, fused: bool):
+        super().__init__(manual=True)
+        self.fused = fused
+
+    def training_step(self, batch: Any, index: int) -> Any:
+        from agclip.backends.torch import clip_and_step
+
+        x, y = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        self.manual_backward(self.scale * torch.nn.functional.mse_loss(self.net(x), y))
+        clip_and_step(optimizer, 1.0)
+        return None
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_clip_and_step_through_a_lightning_optimizer(fused: bool) -> None:
+    ours = ClipAndStep(fused)
+    trainer = _fit(ours, [])
+    theirs = FusedAdamW(fused=False)
+    _fit(theirs, [], gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert trainer.global_step == 4  # the wrapper's bookkeeping ran

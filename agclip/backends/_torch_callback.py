@@ -9,7 +9,15 @@ import torch
 
 from .._kernels import Batch, Kernels
 from .._typing import Scalar
-from ._torch_clip import Decision, FixedThreshold, clip_then_step
+from ._torch_clip import (
+    Decision,
+    FixedThreshold,
+    clip_then_step,
+    loss_scale,
+    optimizer_params,
+    real_optimizer,
+    wrapper_scaler,
+)
 from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     Labels,
@@ -121,25 +129,38 @@ class GradientClipCallback:
         self._params, self._names = unzip_named(model.named_parameters())
 
     @torch.no_grad()
-    def on_after_backward(self) -> torch.Tensor:
+    def on_after_backward(self, optimizer: Any = None, *, scaler: Any = None) -> torch.Tensor:
         """Clip the gradients in place; returns the pre-clip total norm.
+
+        Args:
+            optimizer: clip only this optimizer's parameters (a trainer with several
+                optimizers steps each one on its own); its wrapper's GradScaler, if
+                any, is found as in ``clip_and_step``.
+            scaler: a ``torch.amp.GradScaler`` whose gradients may still be scaled
+                (not yet ``unscale_``-d for ``optimizer``): the norm and the clip are
+                then those of the unscaled gradients, and the scaler's later
+                unscale (inside a fused step, or its own ``step``) finishes the job.
 
         A step counts once it has succeeded: with ``error_if_nonfinite=True``
         a step that raises leaves ``steps`` and the gradients as they were.
         """
-        params = self._model_params()
+        inner = None if optimizer is None else real_optimizer(optimizer)
+        params, names = self._named(inner)
         k = kernels(self.foreach)
-        grads, labels = collect_grads(k, params, self._names)
+        grads, labels = collect_grads(k, params, names)
         if not grads and self.process_group is None:
             warn_if_no_gradients(params)
             self.steps += 1
             return self._record(empty_norm(), torch.tensor(False))
+        if scaler is None and optimizer is not None:
+            scaler = wrapper_scaler(optimizer)
         decision = self.rule.decide(
             k,
             grads,
-            grad_names(params, self._names),
+            grad_names(params, names),
             self.process_group,
             check=self._observer(k, grads, labels),
+            divisor=loss_scale(scaler, inner),
         )
         decision.apply(k)
         return self._recorded(k, decision)
@@ -150,7 +171,6 @@ class GradientClipCallback:
         call (see ``agclip.backends.torch.clip_and_step``), with this callback's
         threshold, statistics and warnings. Parameters of the model set with
         ``set_model`` are named in messages."""
-        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
         k = kernels(self.foreach)
         _, decision = clip_then_step(
             optimizer,
@@ -159,14 +179,24 @@ class GradientClipCallback:
             foreach=self.foreach,
             process_group=self.process_group,
             check_for=lambda grads, labels: self._observer(k, grads, labels),
-            names_for=lambda params: [
-                names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)
-            ],
+            names_for=self._named_like,
         )
         if decision is None:
             self.steps += 1
             return self._record(empty_norm(), torch.tensor(False))
         return self._recorded(k, decision)
+
+    def _named(self, optimizer: Any) -> tuple[list[Any], list[str]]:
+        """The model's parameters with their names, or those of ``optimizer``."""
+        params = self._model_params()
+        if optimizer is None:
+            return params, self._names
+        mine = optimizer_params(optimizer)
+        return mine, self._named_like(mine)
+
+    def _named_like(self, params: list[Any]) -> list[str]:
+        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
+        return [names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
 
     def _model_params(self) -> list[Any]:
         if self._params is None:

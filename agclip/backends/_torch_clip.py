@@ -95,6 +95,11 @@ def real_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def optimizer_params(optimizer: Any) -> list[Any]:
+    """Every parameter of every group, once each."""
+    return list(dict.fromkeys(p for group in optimizer.param_groups for p in group["params"]))
+
+
 def loss_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
     """The loss scale still on the gradients: ``None`` once ``scaler.unscale_(optimizer)``
     ran, or when the scaler is off. Read on the device (no sync)."""
@@ -197,7 +202,7 @@ def clip_then_step(
     by ``rule`` and take the step, in one call. ``check_for(grads, labels)`` gives the
     check that runs between the norm and the first write."""
     inner = real_optimizer(optimizer)
-    params = list(dict.fromkeys(p for group in inner.param_groups for p in group["params"]))
+    params = optimizer_params(inner)
     names = names_for(params)
     k = kernels(foreach)
     grads, labels = collect_grads(k, params, names)

@@ -21,9 +21,13 @@ TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
 
 
+# Made once: a plain lookup per call (which torch.compile traces without a cache wrapper).
+_KERNELS = {foreach: kernels_for(compat_torch, foreach=foreach) for foreach in (None, False, True)}
+
+
 def kernels(foreach: bool | None = None) -> Kernels:
     """The PyTorch kernels, with ``foreach`` as given to the public function."""
-    return kernels_for(compat_torch, foreach=foreach)
+    return _KERNELS[foreach]
 
 
 def norm_type_arg(norm_type: Any) -> float:

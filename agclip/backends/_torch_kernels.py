@@ -16,7 +16,8 @@ Under ``torch.compile`` nothing is read on the host either: the graph stays whol
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -49,6 +50,9 @@ def host_readable(x: torch.Tensor) -> bool:
 
 
 class TorchKernels(Kernels):
+    def quiet(self) -> Any:
+        return contextlib.nullcontext()  # torch warns about no overflow
+
     # Device questions are asked of one tensor per group: a loop over thousands
     # of small gradients would cost more than their norm.
     def prepare(self, leaves: Sequence[Any]) -> Batch:
@@ -117,11 +121,12 @@ class TorchKernels(Kernels):
         return torch.stack(norms).pow(p).sum()
 
     def max_abs(self, batch: Batch, acc: Any) -> Any:
-        parts = [
-            torch.stack(list(torch._foreach_norm(nonempty, float("inf")))).max().to(acc)
-            for group in batch.groups
-            if (nonempty := [t for t in group if t.numel()])
-        ]
+        parts = []
+        for group in batch.groups:
+            nonempty = [t for t in group if t.numel()]
+            if nonempty:
+                norms = torch._foreach_norm(nonempty, float("inf"))
+                parts.append(torch.stack(list(norms)).max().to(acc))
         if not parts:
             return torch.zeros((), dtype=acc)
         return self.stack(parts).max()
@@ -132,6 +137,11 @@ class TorchKernels(Kernels):
 
     def peek(self, x: Any) -> float | None:
         return float(x) if host_readable(x) else None
+
+    def select(self, keep: Any, value: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
+        if torch.compiler.is_compiling():  # one branch runs, no graph break
+            return torch.cond(keep, value, fallback)
+        return super().select(keep, value, fallback)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
         for group in batch.groups:

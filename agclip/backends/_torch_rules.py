@@ -139,7 +139,8 @@ class AdaptiveRule:
                 self.config,
                 self.static,
             )
-            self.state = _merged(spec, state, scattered(spec, new, keys))
+            new = scattered(spec, new, keys)
+            self.state = new._replace(**_entries(spec, state, new))
             return Decision(total, factor, grads, units=[unit for unit, _ in units])
         batch, reduce = distributed_batch(k, grads, process_group)
         total = _unscaled(total_norm(k, batch, p, reduce), divisor)
@@ -171,7 +172,7 @@ class AdaptiveRule:
             )
         if new:
             fresh = self.spec.new_state(k, like, dtype, new, window)
-            state = _merged(self.spec, state, fresh)
+            state = state._replace(**_entries(self.spec, state, fresh))
         return _cast(state, like.device, dtype)
 
     def _grown(self, state: Any) -> Any:
@@ -241,10 +242,10 @@ def _cast(state: Any, device: torch.device | None = None, dtype: torch.dtype | N
     return type(state)(*(cast(value) for value in state))
 
 
-def _merged(spec: RuleSpec, state: Any, new: Any) -> Any:
-    """``new``, whose per-tensor entries add to (or replace) ``state``'s: tensors
-    without a gradient this step keep their entries."""
-    return new._replace(**{f: {**getattr(state, f), **getattr(new, f)} for f in spec.per_tensor})
+def _entries(spec: RuleSpec, first: Any, then: Any) -> dict[str, dict[str, Any]]:
+    """The per-tensor fields of ``first`` updated by ``then``'s entries: tensors without
+    a gradient this step keep theirs."""
+    return {f: {**getattr(first, f), **getattr(then, f)} for f in spec.per_tensor}
 
 
 def _unscaled(norm: torch.Tensor, divisor: torch.Tensor | None) -> torch.Tensor:

@@ -39,8 +39,11 @@ class GradientClipping(Callback):
     with ``error_if_nonfinite=True`` before anything is modified.
 
     The Trainer's own ``gradient_clip_val`` must be unset: clipping twice is
-    refused at setup. With manual optimization the hook still runs on each
-    ``optimizer.step()``; every parameter of the module is clipped.
+    refused at setup. Each optimizer step clips that optimizer's parameters (as
+    Lightning's own ``clip_gradients``), with manual optimization and several
+    optimizers too. With ``precision="16-mixed"`` the clip is of the unscaled
+    gradients, a fused optimizer's too (whose gradients Lightning leaves scaled
+    until its step: Lightning's own clipping refuses that pair).
 
     Args:
         max_norm: the largest total gradient norm allowed, or an adaptive rule
@@ -86,7 +89,10 @@ class GradientClipping(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
-        norm = self.clipper.on_after_backward()
+        # This optimizer's parameters only (Lightning steps each optimizer on its own),
+        # and unscaled: with 16-mixed a fused optimizer's gradients are still scaled here.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        norm = self.clipper.on_after_backward(optimizer, scaler=scaler)
         if self.log_norm:
             clipped = torch.as_tensor(self.clipper.last_clipped, dtype=torch.float32)
             pl_module.log(self.name, norm, on_step=True, on_epoch=False)

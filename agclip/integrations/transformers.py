@@ -77,7 +77,9 @@ class GradientClippingCallback(TrainerCallback):
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.clipper.on_after_backward()
+        # The accelerate optimizer carries the fp16 GradScaler: the clip is of the
+        # unscaled gradients even though the Trainer did not unscale them (max_grad_norm=0).
+        self.clipper.on_after_backward(kwargs.get("optimizer"))
 
     def on_log(
         self,
