@@ -19,6 +19,8 @@ The contract, in one place:
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
 ``quiet``              a context without overflow warnings
+``constant``           a value autodiff treats as a constant
+``differentiable``     whether autodiff may run through a value
 ``peek``               a 0-d array's value where reading it is free (host, untraced)
 ``select``             value() if keep else fallback() (the guard's branch)
 ``on_device_of``       an array moved to another array's device
@@ -197,6 +199,15 @@ class Kernels:
     def run(self, fn: Callable[..., Any], *arrays: Any, **static: Any) -> Any:
         """``fn(self, *arrays, **static)``; JAX compiles it (once per options and shapes)."""
         return fn(self, *arrays, **static)
+
+    def constant(self, x: Any) -> Any:
+        """``x``, seen by automatic differentiation as a constant (``stop_gradient``);
+        libraries without autodiff return it as it is."""
+        return x
+
+    def differentiable(self, x: Any) -> bool:
+        """Whether automatic differentiation may run through ``x``."""
+        return False
 
     def peek(self, x: Any) -> float | None:
         """The value of the 0-d array ``x`` where reading it costs nothing (host

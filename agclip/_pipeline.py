@@ -114,10 +114,15 @@ def by_largest(
 ) -> Any:
     """``peak * norm_of_scaled(peak)``: a norm taken on values divided by their largest
     magnitude ``peak``, so that no power overflows or underflows; ``otherwise()``
-    where ``peak`` is no usable divisor (0, inf or NaN)."""
+    where ``peak`` is no usable divisor (0, inf or NaN).
+
+    The norm is homogeneous, so its derivative through the divisor is zero: the
+    divisor is a constant to autodiff, whose chain through ``1 / peak`` would meet
+    the very overflow (or underflow) this avoids, and turn 0 * inf into NaN.
+    """
     xp = k.xp
     usable = xp.isfinite(peak) & (peak > 0)
-    divisor = xp.where(usable, peak, xp.ones_like(peak))
+    divisor = k.constant(xp.where(usable, peak, xp.ones_like(peak)))
     return k.select(usable, lambda: divisor * norm_of_scaled(divisor), otherwise)
 
 
@@ -128,12 +133,19 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     number, so a zero norm gives 1 (or 0 for ``max_norm=0``), never NaN.
     """
     xp = k.xp
-    denominator = norm + eps
+    numerator, denominator = max_norm, norm + eps
     if not (isinstance(eps, (int, float)) and eps > 0):  # eps may be 0, or traced
         tiny = float(xp.finfo(norm.dtype).smallest_normal)
         denominator = xp.maximum(denominator, xp.full_like(norm, tiny))
+    if k.differentiable(norm):
+        # The derivative of 1 / d is -1 / d**2, which leaves float32 at norms ~1e20
+        # (and drops the norm's own term): divide both sides by a constant copy of d
+        # first, so that autodiff only ever meets numbers near 1 / d and 1.
+        usable = xp.isfinite(denominator)
+        unit = k.constant(xp.where(usable, 1.0 / denominator, xp.ones_like(denominator)))
+        numerator, denominator = max_norm * unit, denominator * unit
     with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
-        return xp.clip(max_norm / denominator, max=1.0)
+        return xp.clip(numerator / denominator, max=1.0)
 
 
 def needs_scaling(k: Kernels, factor: Any) -> bool:

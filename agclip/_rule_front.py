@@ -104,6 +104,8 @@ def functional_step(
     if k is None:
         return grads, state
     keys = state_keys(spec, flat)
+    if reduce is not LOCAL:  # local shards: their shapes are not the whole tensors'
+        keys = _by_path(spec, state, keys)
     check_keys(spec, state, keys)
     state = fit_state(
         spec,
@@ -124,6 +126,13 @@ def functional_step(
         **static,
     )
     return flat.unflatten(clipped), state
+
+
+def _by_path(spec: RuleSpec, state: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
+    """The state's keys where they name the same tensors (by key path) in the same order."""
+    held = tuple(getattr(state, spec.per_tensor[0], {})) if spec.per_tensor else ()
+    same = [a.rsplit(" (", 1)[0] for a in held] == [b.rsplit(" (", 1)[0] for b in keys]
+    return held if same else keys
 
 
 def _window_of(spec: RuleSpec, state: Any) -> Any:

@@ -6,7 +6,7 @@ under the command that reproduces each section, plots every ratio and judges
 each against its target: the first rule in ``TARGETS`` whose fields all match
 the ratio's case.
 
-    python benchmarks/run_all.py [--only numpy,torch,jax,distributed,stability,adaptive]
+    python benchmarks/run_all.py [--only numpy,torch,jax,jax_compile,distributed,stability,adaptive]
         [--out docs/benchmarks.md]
 """
 
@@ -33,6 +33,7 @@ BENCHES = {
     "numpy": ("NumPy: in place vs plain NumPy", "bench_numpy.py"),
     "torch": ("PyTorch: vs torch.nn.utils.clip_grad_norm_", "bench_torch.py"),
     "jax": ("JAX: vs optax.clip_by_global_norm", "bench_jax.py"),
+    "jax_compile": ("JAX: many leaves, compile time and memory", "bench_jax_compile.py"),
     "distributed": ("Distributed: FSDP2 on 2 CPU ranks", "bench_distributed.py"),
     "stability": ("Training stability and overhead", "bench_stability.py"),
     "adaptive": ("Adaptive clipping: ZClip, AutoClip, AdaGC", "bench_adaptive.py"),
@@ -79,6 +80,7 @@ TARGETS = [
     _t("jax", 1.05, case="both jitted"),
     _t("jax", 1.30, case="agclip eager vs optax jit"),
     _t("jax", 1.05, case="clip + adamw"),
+    _t("jax_compile", 1.50, "optax", case="800 leaves"),
     _t("distributed", 1.00),  # never slower than torch or torchtitan, one collective
     _t("adaptive", 1.20),  # a ZClip step against torch's clip_grad_norm_
 ]

@@ -115,3 +115,32 @@ def test_0d_thresholds_and_float16_beyond_range() -> None:
     assert arrays[0].tolist() == [1e5, 1e5]
     assert arrays[1].tolist() == [65504.0, -3.0]
     assert clip_by_global_norm_([np.array([3.0, 4.0])], np.array(1.0)) == 5.0
+
+
+def test_an_array_given_twice_counts_and_scales_once() -> None:
+    """Tied weights listed twice, or the same view twice: each buffer once."""
+    tied = np.array([3.0, 4.0], np.float32)
+    assert clip_by_global_norm_([tied, tied, tied[:]], 1.0) == pytest.approx(5.0)
+    np.testing.assert_allclose(tied, [0.6, 0.8], rtol=1e-6)
+
+
+def test_overlapping_arrays_are_refused_before_any_write() -> None:
+    buffer = np.arange(1.0, 9.0, dtype=np.float32)
+    before = buffer.copy()
+    with pytest.raises(ValueError, match=r"arrays\[0\] and arrays\[1\] overlap in memory"):
+        clip_by_global_norm_([buffer[:5], buffer[3:]], 1.0)
+    np.testing.assert_array_equal(buffer, before)
+    evens, odds = buffer[::2], buffer[1::2]  # interleaved: their bounds cross, no element does
+    norm = clip_by_global_norm_([evens, odds], 1.0)
+    assert norm == pytest.approx(float(np.linalg.norm(before)), rel=1e-6)
+    assert float(np.linalg.norm(buffer)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("clip", [clip_by_global_norm_, clip_by_value_])
+def test_masked_arrays_are_refused(clip: Any) -> None:
+    """A masked-out 1e30 would enter the norm and the visible data be scaled to 3e-30."""
+    masked = np.ma.masked_array([1.0, 1e30], mask=[False, True])
+    with pytest.raises(TypeError, match="masked array"):
+        clip([masked], 1.0)
+    with pytest.raises(TypeError, match=r"leaf \[0\] is a masked array"):
+        agclip.global_norm([masked])

@@ -353,3 +353,12 @@ def test_torch_compile_of_a_training_step_with_clipping() -> None:
             loss, _ = compiled()
     assert first_norm.item() > 1.0
     assert loss.item() < first_loss.item()
+
+
+def test_a_tensor_listed_twice_counts_and_scales_once() -> None:
+    """torch counts a tied weight listed twice twice, and scales it twice."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    assert float(ag.clip_grad_norm_([param, param], 1.0)) == pytest.approx(5.0)
+    torch.testing.assert_close(param.grad, torch.tensor([0.6, 0.8]))
+    assert float(ag.get_total_norm([param.grad, param.grad])) == pytest.approx(1.0)

@@ -44,7 +44,9 @@ def threshold(name: str, value: Any) -> Any:
 
 
 def as_list(tensors: TensorOrTensors) -> list[Any]:
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(tensors)
+    """The tensors as a list, each once: a tensor listed twice (tied weights) would
+    count twice in the norm and be scaled twice, as in torch."""
+    return [tensors] if isinstance(tensors, torch.Tensor) else list(dict.fromkeys(tensors))
 
 
 def parameters_list(parameters: TensorOrTensors) -> list[Any]:

@@ -135,6 +135,12 @@ class TorchKernels(Kernels):
         device = parts[0].device
         return torch.stack([part.to(device) for part in parts])
 
+    def differentiable(self, x: Any) -> bool:
+        return bool(x.requires_grad)
+
+    def constant(self, x: Any) -> Any:
+        return x.detach()
+
     def peek(self, x: Any) -> float | None:
         return float(x) if host_readable(x) else None
 
