@@ -438,7 +438,8 @@ ADAPTIVE_SHARDED = textwrap.dedent("""
             state = jax.tree_util.tree_map(lambda x: x[0], stacked)
             for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
                 worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(b)))))
-            worst = max(worst, abs(float(state.norm) - float(want_state.norm)) / float(want_state.norm))
+            error = abs(float(state.norm) - float(want_state.norm)) / float(want_state.norm)
+            worst = max(worst, error)
         assert int(state.spikes) >= 1, name
     print("worst", worst)
 """)

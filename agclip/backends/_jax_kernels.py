@@ -25,25 +25,17 @@ class JaxKernels(Kernels):
         return jnp.float64 if x64 else jnp.float32
 
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
-        # Large leaves are reduced one by one (XLA fuses each into one pass); the small
-        # ones as one concatenation, so that the graph, and its compile time, stays
-        # small however many leaves there are. The partial sums meet in a compensated
-        # pairwise sum: a float32 sum of thousands of them would drift by ~1e-5.
+        # The partial sums meet in a compensated pairwise sum: a float32 sum of
+        # thousands of them would drift by ~1e-5.
         parts = []
         for weight, leaves in _by_weight(batch):
-            small = [leaf for leaf in leaves if leaf.size <= SMALL]
-            for x in [leaf for leaf in leaves if leaf.size > SMALL] + [_flat(small, acc)] * bool(
-                small
-            ):
-                x = x.astype(acc)
+            for x in _pieces(leaves, acc):
                 part = jnp.sum(pow_abs(jnp, x if scale is None else x * scale, p))
                 parts.append(part if weight == 1.0 else part * weight)
         return _compensated_sum(jnp.stack(parts)) if parts else jnp.zeros((), acc)
 
     def max_abs(self, batch: Batch, acc: Any) -> Any:
-        small = [leaf for leaf in batch.leaves if leaf.size <= SMALL]
-        large = [leaf for leaf in batch.leaves if leaf.size > SMALL]
-        peaks = [jnp.max(jnp.abs(x.astype(acc)), initial=0.0) for x in [*large, _flat(small, acc)]]
+        peaks = [jnp.max(jnp.abs(x), initial=0.0) for x in _pieces(batch.leaves, acc)]
         return jnp.max(jnp.stack(peaks))  # NaN propagates through XLA's max
 
     def stack(self, parts: Sequence[Any]) -> Any:
@@ -77,8 +69,13 @@ def _compiled(
     return jax.jit(partial(fn, kernels, **dict(static)))
 
 
-def _flat(leaves: Sequence[Any], acc: Any) -> Any:
-    return jnp.concatenate([jnp.ravel(leaf).astype(acc) for leaf in leaves])
+def _pieces(leaves: Sequence[Any], acc: Any) -> list[Any]:
+    """Large leaves one by one (XLA fuses each reduction into one pass), the small ones
+    as one concatenation: the graph, and its compile time, stays small however many
+    leaves there are."""
+    small = [jnp.ravel(leaf).astype(acc) for leaf in leaves if leaf.size <= SMALL]
+    large = [leaf.astype(acc) for leaf in leaves if leaf.size > SMALL]
+    return large + ([jnp.concatenate(small)] if small else [])
 
 
 def _by_weight(batch: Batch) -> list[tuple[float, list[Any]]]:
