@@ -204,6 +204,36 @@ def ddp_bucket_view() -> dict[str, Any]:
     return run_clip(params, [grad_of(p) for p in reference_model.parameters()])
 
 
+def ddp_no_sync() -> dict[str, Any]:
+    """diffusers#721 in miniature: gradient accumulation under DDP, the callback clipping
+    every micro-batch, the first inside ``no_sync()`` (not yet all-reduced); then the
+    right place: once, after the last micro-batch's synchronised backward."""
+    from agclip.backends.torch import ClipPlacementWarning
+
+    model = torch.nn.parallel.DistributedDataParallel(mlp())
+    callback = GradientClipCallback(1.0)
+    callback.set_model(model)
+    generator = torch.Generator().manual_seed(dist.get_rank())
+
+    def backward() -> None:
+        inputs = torch.randn(8, 8, generator=generator).to(local_device())
+        model(inputs).pow(2).sum().backward()
+
+    caught: dict[str, list[str]] = {}
+    for placement in ("every micro-batch", "after the last"):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model.zero_grad()
+            with model.no_sync():
+                backward()
+                if placement == "every micro-batch":
+                    callback.on_after_backward()
+            backward()
+            callback.on_after_backward()
+        caught[placement] = [str(w.message) for w in seen if w.category is ClipPlacementWarning]
+    return caught
+
+
 def pipeline(empty_rank: bool = False) -> dict[str, Any]:
     """Disjoint plain parameters per rank (pipeline stages); ``process_group`` given."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -459,6 +489,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "adagc_rank_without_gradients": adagc_rank_without_gradients,
     "subgroups": subgroups,
     "fsdp2_clip_and_step": fsdp2_clip_and_step,
+    "ddp_no_sync": ddp_no_sync,
 }
 WORLD_4_ONLY: dict[str, Callable[[], dict[str, Any]]] = {"hsdp_2x2": hsdp, "pp2_x_fsdp2": pp_fsdp2}
 

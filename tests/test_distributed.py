@@ -114,6 +114,15 @@ def test_adagc_with_a_rank_without_gradients_raises_on_every_rank(
     assert all("between 0 and 6 tensors" in r["raised"] for r in results)
 
 
+def test_a_clip_inside_ddp_no_sync_warns_and_the_right_place_does_not(
+    ranks: dict[int, list[dict[str, Any]]],
+) -> None:
+    for result in _results(ranks, 2, "ddp_no_sync"):
+        assert len(result["every micro-batch"]) == 1
+        assert "inside no_sync()" in result["every micro-batch"][0]
+        assert result["after the last"] == []
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_clip_and_step_with_fsdp2_and_a_fused_adamw(
     ranks: dict[int, list[dict[str, Any]]], world: int

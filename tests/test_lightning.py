@@ -281,3 +281,17 @@ def test_clip_and_step_through_a_lightning_optimizer(fused: bool) -> None:
     for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert trainer.global_step == 4  # the wrapper's bookkeeping ran
+
+
+def test_a_clip_inside_training_step_says_it_runs_before_backward() -> None:
+    """nano-world-model#22: ``clip_grad_norm_`` in ``training_step`` runs before
+    ``backward()``; Lightning has set every ``.grad`` to None: nothing was clipped."""
+    from agclip.backends.torch import ClipPlacementWarning, clip_grad_norm_
+
+    class ClipsTooEarly(Regression):
+        def training_step(self, batch: Any, index: int) -> Any:
+            clip_grad_norm_(self.parameters(), 1.0)
+            return super().training_step(batch, index)
+
+    with pytest.warns(ClipPlacementWarning, match=r"before backward\(\)"):
+        _fit(ClipsTooEarly(), [])

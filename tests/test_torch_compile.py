@@ -20,8 +20,6 @@ from support import grad_of
 
 from agclip.backends import torch as agt
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's own notes
-
 
 def _grads(scale: float, dtype: Any = None, poison: float | None = None) -> list[Any]:
     generator = torch.Generator().manual_seed(0)

@@ -21,6 +21,7 @@ from ._torch_clip import (
 from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     Labels,
+    LastClipped,
     collect_grads,
     empty_norm,
     grad_names,
@@ -32,6 +33,7 @@ from ._torch_grads import (
     unzip_named,
     warn_at_caller,
     warn_if_no_gradients,
+    warn_if_unsynchronised,
 )
 from ._torch_rules import AdaptiveRule
 
@@ -115,6 +117,8 @@ class GradientClipCallback:
         self.foreach = foreach
         self.process_group = process_group
         self._params: list[torch.nn.Parameter] | None = None  # None until set_model
+        self._model: torch.nn.Module | None = None
+        self._last = LastClipped()
         self._names: list[str] = []
         self.steps = 0
         self._clipped: Any = 0
@@ -127,6 +131,7 @@ class GradientClipCallback:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._params, self._names = unzip_named(model.named_parameters())
+        self._model = model
 
     @torch.no_grad()
     def on_after_backward(self, optimizer: Any = None, *, scaler: Any = None) -> torch.Tensor:
@@ -152,6 +157,7 @@ class GradientClipCallback:
             warn_if_no_gradients(params)
             self.steps += 1
             return self._record(empty_norm(), torch.tensor(False))
+        self._check_placement(grads.leaves)
         if scaler is None and optimizer is not None:
             scaler = wrapper_scaler(optimizer)
         decision = self.rule.decide(
@@ -178,7 +184,7 @@ class GradientClipCallback:
             scaler=scaler,
             foreach=self.foreach,
             process_group=self.process_group,
-            check_for=lambda grads, labels: self._observer(k, grads, labels),
+            check_for=lambda grads, labels: self._observer(k, grads, labels, placement=True),
             names_for=self._named_like,
         )
         if decision is None:
@@ -203,9 +209,17 @@ class GradientClipCallback:
             raise RuntimeError("call set_model(model) before clipping")
         return self._params
 
-    def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
+    def _check_placement(self, grads: list[torch.Tensor]) -> None:
+        warn_if_unsynchronised(self._model)
+        self._last.warn_if_same(grads)
+
+    def _observer(
+        self, k: Kernels, grads: Batch, labels: Labels, *, placement: bool = False
+    ) -> Callable[[Any], None]:
         """The check between the norm and the first write: refuse (``error_if_nonfinite``),
         then count the step and warn about non-finite gradients."""
+        if placement:
+            self._check_placement(grads.leaves)
         # Messages read the local shards: every rank can do that on its own.
         local, _ = distributed_batch(k, grads, self.process_group)
         refuse = raise_if_nonfinite(k, local, labels) if self.error_if_nonfinite else None
@@ -221,6 +235,7 @@ class GradientClipCallback:
         return observe
 
     def _recorded(self, k: Kernels, decision: Decision) -> torch.Tensor:
+        self._last.remember(decision.batch.leaves)
         return self._record(decision.returned_norm(k), decision.clipped())
 
     def _record(self, norm: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:

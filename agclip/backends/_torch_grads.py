@@ -7,6 +7,7 @@ import os
 import sys
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -105,6 +106,41 @@ def _ours(filename: str) -> bool:
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TORCH_DECORATORS = os.path.join("torch", "utils", "_contextlib.py")
+
+
+class LastClipped:
+    """The gradients a clip left behind: clipping exactly those again (same tensors,
+    unwritten since, as their version counters tell) is a second clip of one step's
+    gradients, or a clip in a loop without a new backward."""
+
+    def __init__(self) -> None:
+        self._seen: tuple[tuple[weakref.ref[torch.Tensor], int], ...] = ()
+
+    def warn_if_same(self, grads: list[torch.Tensor]) -> None:
+        seen = self._seen
+        if seen and len(seen) == len(grads) and not torch.compiler.is_compiling():
+            pairs = zip(seen, grads, strict=True)
+            if all(ref() is grad and grad._version == version for (ref, version), grad in pairs):
+                warn_at_caller(
+                    "these are the gradients the last clip left, unwritten since: a second "
+                    "clip of the same step (after optimizer.step()?), or no backward() between "
+                    "two clips. (agclip.backends.torch.ClipPlacementWarning)"
+                )
+
+    def remember(self, grads: list[torch.Tensor]) -> None:
+        if not torch.compiler.is_compiling():
+            self._seen = tuple((weakref.ref(grad), grad._version) for grad in grads)
+
+
+def warn_if_unsynchronised(model: Any) -> None:
+    """DDP inside ``no_sync()``: this backward's gradients are not all-reduced yet."""
+    if getattr(model, "require_backward_grad_sync", True) is False:
+        warn_at_caller(
+            "the model is a DistributedDataParallel inside no_sync(): its gradients are not "
+            "all-reduced yet, and each rank would clip its own. Clip after the last "
+            "micro-batch's backward, outside no_sync(). "
+            "(agclip.backends.torch.ClipPlacementWarning)"
+        )
 
 
 def warn_if_no_gradients(params: list[Any]) -> None:

@@ -135,6 +135,14 @@ class TorchKernels(Kernels):
         device = parts[0].device
         return torch.stack([part.to(device) for part in parts])
 
+    # Tensors answer device questions themselves (array_api_compat's helpers are cached
+    # functions, which torch.compile traces with a warning).
+    def placement(self, like: Any) -> dict[str, Any]:
+        return {"device": like.device}
+
+    def on_device_of(self, value: Any, like: Any) -> Any:
+        return value.to(like.device)
+
     def differentiable(self, x: Any) -> bool:
         return bool(x.requires_grad)
 
@@ -146,7 +154,8 @@ class TorchKernels(Kernels):
 
     def select(self, keep: Any, value: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
         if torch.compiler.is_compiling():  # one branch runs, no graph break
-            return torch.cond(keep, value, fallback)
+            # (a branch may not hand back one of its inputs as it is: copies)
+            return torch.cond(keep, lambda: value().clone(), lambda: fallback().clone())
         return super().select(keep, value, fallback)
 
     def scale_(self, batch: Batch, factor: Any) -> None:

@@ -27,6 +27,7 @@ from ._torch_grads import (
     kernels,
     named_parameters,
     norm_type_arg,
+    warn_if_no_gradients,
 )
 
 FIRST_CAPACITY = 256  # an unbounded AutoClip history starts here and doubles
@@ -100,6 +101,7 @@ class AdaptiveRule:
         k = kernels(self.foreach)
         grads, _ = collect_grads(k, params, names)
         if not grads and self.process_group is None:
+            warn_if_no_gradients(params)
             return empty_norm()
         decision = self.decide(k, grads, grad_names(params, names), self.process_group)
         decision.apply(k)

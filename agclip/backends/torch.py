@@ -291,6 +291,8 @@ def get_total_norm(
     k = kernels(foreach)
     batch = batch_of_floats(k, (given[index] for index in present), explain)
     if not batch and process_group is None:
+        if given:
+            warn_if_no_gradients(given)  # [p.grad for p in params], all None
         return empty_norm()
     batch, reduce = distributed_batch(k, batch, process_group)
     norm = total_norm(k, batch, p, reduce)
