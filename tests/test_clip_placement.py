@@ -37,9 +37,13 @@ def _loss(model: torch.nn.Module, seed: int = 0) -> torch.Tensor:
     return 100 * torch.nn.functional.mse_loss(model(x), y)
 
 
+def _grads(model: torch.nn.Module) -> list[Any]:
+    return [p.grad for p in model.parameters()]
+
+
 CLIPS: dict[str, Callable[[torch.nn.Module, Any], Any]] = {
     "clip_grad_norm_": lambda model, opt: clip_grad_norm_(model.parameters(), 1.0),
-    "get_total_norm": lambda model, opt: get_total_norm([p.grad for p in model.parameters()]),
+    "get_total_norm": lambda model, opt: get_total_norm(_grads(model)),
     "clip_and_step": lambda model, opt: clip_and_step(opt, 1.0),
     "ZClip.step": lambda model, opt: ZClip().step(model),
 }
@@ -67,7 +71,7 @@ def test_the_callback_warns_before_backward() -> None:
 def test_an_empty_parameter_list_and_a_pipeline_rank_stay_silent() -> None:
     assert float(clip_grad_norm_([], 1.0)) == 0.0  # torch's own behaviour, no warning
     with pytest.warns(UserWarning, match="empty generator"):  # torch's own warning
-        clip_grad_norm_((p for p in []), 1.0)
+        clip_grad_norm_(iter(_grads(torch.nn.Sequential())), 1.0)
 
 
 def test_clipping_the_same_gradients_twice_warns() -> None:
@@ -85,8 +89,9 @@ def test_clipping_the_same_gradients_twice_warns() -> None:
 
 
 def _train(
-    clip: Callable[[torch.nn.Module, Any, Any], None],
+    clip: Callable[[Any, Any], Any],
     *,
+    max_norm: Any = 1.0,
     accumulate: int = 1,
     frozen: bool = False,
     set_to_none: bool = True,
@@ -95,20 +100,20 @@ def _train(
     if frozen:
         model[0].requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    callback = GradientClipCallback(1.0)
+    callback = GradientClipCallback(max_norm)
     callback.set_model(model)
     for step in range(6):
         optimizer.zero_grad(set_to_none=set_to_none)
         for micro in range(accumulate):
             (_loss(model, seed=step * accumulate + micro) / accumulate).backward()
-        clip(callback, optimizer, model)
+        clip(callback, optimizer)
     assert callback.steps == 6
 
 
-RIGHT: dict[str, Callable[[Any, Any, Any], None]] = {
-    "callback then step": lambda cb, opt, model: (cb.on_after_backward(), opt.step()),
-    "callback clip_and_step": lambda cb, opt, model: cb.clip_and_step(opt),
-    "rule in the callback": lambda cb, opt, model: cb.clip_and_step(opt),
+RIGHT: dict[str, tuple[Callable[[Any, Any], Any], Callable[[], Any]]] = {
+    "callback then step": (lambda cb, opt: (cb.on_after_backward(), opt.step()), lambda: 1.0),
+    "callback clip_and_step": (lambda cb, opt: cb.clip_and_step(opt), lambda: 1.0),
+    "rule in the callback": (lambda cb, opt: cb.clip_and_step(opt), lambda: ZClip(warmup_steps=2)),
 }
 
 
@@ -119,7 +124,8 @@ RIGHT: dict[str, Callable[[Any, Any, Any], None]] = {
 def test_no_false_alarm_where_the_clip_is_right(
     name: str, accumulate: int, frozen: bool, set_to_none: bool
 ) -> None:
-    _train(RIGHT[name], accumulate=accumulate, frozen=frozen, set_to_none=set_to_none)
+    clip, max_norm = RIGHT[name]
+    _train(clip, max_norm=max_norm(), accumulate=accumulate, frozen=frozen, set_to_none=set_to_none)
 
 
 def test_no_false_alarm_with_a_grad_scaler() -> None:
