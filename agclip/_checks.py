@@ -203,7 +203,8 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     """One of ``allowed`` (any case)."""
     chosen = value.lower() if isinstance(value, str) else value
     if chosen not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        options = " or ".join(map(repr, allowed))
+        raise ValueError(f"{name} must be either {options}, got {value!r}")
     return str(chosen)
 
 

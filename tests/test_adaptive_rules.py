@@ -335,10 +335,21 @@ def test_zclip_matches_the_zclip_package(options: dict[str, Any], cap: float | N
         _backward([ours, theirs], step, generator)
         norm_ours, norm_theirs = clip_ours.step(ours), clip_theirs.step(theirs)
         assert float(norm_ours) == pytest.approx(norm_theirs, rel=1e-6), step
+        # the package's attributes, which people log, as read-only views
+        assert bool(clip_ours.initialized) == clip_theirs.initialized, step
+        if clip_theirs.initialized:
+            assert float(clip_ours.mean) == pytest.approx(clip_theirs.mean, rel=1e-6), step
+            assert float(clip_ours.var) == pytest.approx(clip_theirs.var, rel=1e-5), step
         for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
             scale = float(b.grad.abs().max())
             assert float((a.grad - b.grad).abs().max()) <= 1e-6 * scale, step
     assert int(clip_ours.state.spikes) > 0
+    for name in ("alpha", "z_thresh", "max_grad_norm", "eps", "warmup_steps", "mode"):
+        assert getattr(clip_ours, name) == getattr(clip_theirs, name), name
+    for name in ("clip_option", "clip_factor", "skip_update_on_spike"):
+        assert getattr(clip_ours, name) == getattr(clip_theirs, name), name
+    with pytest.raises(AttributeError, match="read-only"):
+        clip_ours.mean = 1.0
 
 
 def test_zclip_survives_the_nan_and_inf_norms_that_break_the_zclip_package() -> None:
