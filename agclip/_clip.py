@@ -71,7 +71,7 @@ def clip_by_global_norm(
 
     Returns:
         The pair ``(clipped, norm)``, a new tree of the same structure and dtypes and
-        the pre-clip global norm (see [`global_norm`][agclip.global_norm]).
+        the pre-clip global norm (see ``agclip.global_norm``).
 
     Examples:
         >>> import numpy as np, agclip

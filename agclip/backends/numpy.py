@@ -87,7 +87,7 @@ def clip_by_global_norm_(
 ) -> float:
     """Scale the arrays in place so their global p-norm is at most ``max_norm``.
 
-    Same rule as [`agclip.clip_by_global_norm`][agclip.clip_by_global_norm]:
+    Same rule as ``agclip.clip_by_global_norm``:
     ``coef = min(1, max_norm / (norm + eps))``; when ``coef`` is 1 nothing is
     written at all.
 
