@@ -25,8 +25,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Branch coverage of agclip, spawned processes included (pyproject's [tool.coverage]).
 pytest: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --cov --cov-report=term
 
 # Lint, type checks, then the whole suite on every installed backend.
 test: lint typecheck pytest

@@ -1,5 +1,25 @@
-"""AdaGC (Wang et al., 2025): clip each tensor at a multiple of the EMA of its own norm.
-The spec: state, hyperparameters, threshold update."""
+"""AdaGC: clip each tensor at ``lambda_rel`` times the EMA of its own clipped norm.
+
+For the first ``warmup_steps`` steps the gradients are clipped globally at
+``lambda_abs`` and each tensor's ``gamma`` is the smallest clipped norm seen;
+then each tensor is scaled by ``min(1, lambda_rel * gamma / (norm + eps))``
+and ``gamma`` follows its clipped norm with smoothing ``beta``. A tensor with
+only zero gradients so far is not clipped. A non-finite global norm leaves
+``gamma`` untouched and passes the gradients unchanged. The state keeps one
+entry per tensor, keyed by the tensor: gradients of other tensors than the
+state's are a ``ValueError`` naming the first that differs.
+
+Args:
+    lambda_abs: the global threshold during warm-up (>= 0).
+    lambda_rel: the allowed ratio to a tensor's EMA norm (> 0).
+    beta: EMA smoothing, in [0, 1).
+    warmup_steps: steps of global clipping first (>= 0).
+    eps: added to each norm before dividing (>= 0).
+
+References:
+    Wang et al., "AdaGC: Improving Training Stability for Large Language Model
+    Pretraining", 2025 (arXiv:2502.11034).
+"""
 
 from __future__ import annotations
 
@@ -8,26 +28,29 @@ from typing import Any, NamedTuple
 
 from ._checks import check_count, check_eps, check_range, check_threshold
 from ._kernels import Kernels
-from ._rule import Hyper, RuleSpec, counted, like_value, scalars
+from ._rule import RuleSpec, counted, like_value, scalars
 
 
 class AdaGCState(NamedTuple):
-    """AdaGC's state: one EMA norm per gradient tensor, and counters."""
+    """AdaGC's state: one EMA norm per gradient tensor, and counters.
+
+    Attributes:
+        count: steps with a finite norm (int32); warm-up ends at ``warmup_steps``.
+        gamma: each tensor's EMA of its clipped norm: a dict keyed by the tensor (its
+            key path and shape, or its parameter name).
+        norm: the last global pre-clip norm.
+        threshold: each tensor's last threshold, ``lambda_rel * gamma``
+            (``lambda_abs``, the global threshold, during warm-up), keyed like ``gamma``.
+        spikes: steps after warm-up in which some tensor was clipped (int32).
+        nonfinite: steps whose norm was NaN or inf (int32).
+    """
 
     count: Any
-    """Steps with a finite norm (int32); warm-up ends at ``warmup_steps``."""
     gamma: Any
-    """Each tensor's EMA of its clipped norm: a dict keyed by the tensor (its key path
-    and shape, or its parameter name)."""
     norm: Any
-    """The last global pre-clip norm."""
     threshold: Any
-    """Each tensor's last threshold, ``lambda_rel * gamma`` (``lambda_abs``, the global
-    threshold, during warm-up), keyed like ``gamma``."""
     spikes: Any
-    """Steps after warm-up in which some tensor was clipped (int32)."""
     nonfinite: Any
-    """Steps whose norm was NaN or inf (int32)."""
 
 
 def _check(h: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +81,9 @@ def _thresholds(
     k: Kernels, norms: Any, total: Any, state: AdaGCState, cfg: dict[str, Any]
 ) -> tuple[Any, Any, Any]:
     """A threshold for the global norm, one per tensor, and the state update given the
-    factors. Warm-up: one global clip at ``lambda_abs``, and ``gamma`` the smallest
-    clipped norm seen. After: each tensor clipped at ``lambda_rel * gamma``, and
-    ``gamma`` an EMA of its clipped norm. A tensor whose ``gamma`` is still 0 (only
-    zero gradients so far) is not clipped, and its ``gamma`` starts from its first
-    nonzero norm: a zero threshold would silence it for good."""
+    factors. A tensor whose ``gamma`` is still 0 (only zero gradients so far) is not
+    clipped, and its ``gamma`` starts from its first nonzero norm: a zero threshold
+    would silence it for good."""
     xp = k.xp
     gamma = state.gamma  # a vector here: one entry per tensor, in the gradients' order
     norms = xp.astype(norms, gamma.dtype)
@@ -96,27 +117,16 @@ def _thresholds(
 
 
 ADAGC = RuleSpec(
-    name="adagc",
     title="AdaGC",
-    summary="clip each tensor at ``lambda_rel`` times the EMA of its own clipped norm.",
-    doc="""For the first ``warmup_steps`` steps the gradients are clipped globally at
-``lambda_abs`` and each tensor's ``gamma`` is the smallest clipped norm seen;
-then each tensor is scaled by ``min(1, lambda_rel * gamma / (norm + eps))``
-and ``gamma`` follows its clipped norm with smoothing ``beta``. A tensor with
-only zero gradients so far is not clipped. A non-finite global norm leaves
-``gamma`` untouched and passes the gradients unchanged. The state keeps one
-entry per tensor, keyed by the tensor: gradients of other tensors than the
-state's are a ``ValueError`` naming the first that differs.""",
-    references='Wang et al., "AdaGC: Improving Training Stability for Large Language '
-    'Model Pretraining", 2025 (arXiv:2502.11034).',
+    doc=__doc__,
     state_type=AdaGCState,
-    hypers=(
-        Hyper("lambda_abs", 1.0, "the global threshold during warm-up (>= 0)."),
-        Hyper("lambda_rel", 1.05, "the allowed ratio to a tensor's EMA norm (> 0)."),
-        Hyper("beta", 0.98, "EMA smoothing, in [0, 1)."),
-        Hyper("warmup_steps", 100, "steps of global clipping first (>= 0)."),
-        Hyper("eps", 1e-6, "added to each norm before dividing (>= 0)."),
-    ),
+    defaults={
+        "lambda_abs": 1.0,
+        "lambda_rel": 1.05,
+        "beta": 0.98,
+        "warmup_steps": 100,
+        "eps": 1e-6,
+    },
     check=_check,
     new_state=_new_state,
     thresholds=_thresholds,

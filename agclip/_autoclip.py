@@ -1,5 +1,17 @@
-"""AutoClip (Seetharaman et al., 2020): clip the global norm at a percentile of the norms
-seen so far. The spec: state, hyperparameters, threshold update."""
+"""AutoClip: clip the global norm at a percentile of the norms seen so far.
+
+The current norm joins the history first, then the threshold is the
+``percentile`` (linear interpolation, as ``np.percentile``) of the last
+``history`` finite norms. Non-finite norms stay out of the history, are counted
+in ``state.nonfinite`` and pass the gradients unchanged.
+
+Args:
+    percentile: in [0, 100]; the paper recommends 10.
+
+References:
+    Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient Clipping
+    for Source Separation Networks", MLSP 2020.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +20,29 @@ from typing import Any, NamedTuple
 
 from ._checks import check_range
 from ._kernels import Kernels
-from ._rule import Hyper, RuleSpec, counted, like_value, scalars
+from ._rule import RuleSpec, counted, like_value, scalars
 
 
 class AutoClipState(NamedTuple):
-    """AutoClip's state: a ring buffer of the last finite norms and counters."""
+    """AutoClip's state: a ring buffer of the last finite norms and counters.
+
+    Attributes:
+        count: finite norms seen (int32).
+        history: the last ``len(history)`` finite norms, oldest overwritten first;
+            unused slots hold inf.
+        norm: the last pre-clip norm.
+        threshold: the last threshold: the percentile of the history, the current
+            norm included.
+        spikes: steps whose norm was above the threshold (int32).
+        nonfinite: steps whose norm was NaN or inf (int32).
+    """
 
     count: Any
-    """Finite norms seen (int32)."""
     history: Any
-    """The last ``len(history)`` finite norms, oldest overwritten first; unused slots hold inf."""
     norm: Any
-    """The last pre-clip norm."""
     threshold: Any
-    """The last threshold: the percentile of the history, the current norm included."""
     spikes: Any
-    """Steps whose norm was above the threshold (int32)."""
     nonfinite: Any
-    """Steps whose norm was NaN or inf (int32)."""
 
 
 def _new_state(k: Kernels, like: Any, dtype: Any, keys: list[str], window: int) -> AutoClipState:
@@ -73,19 +90,12 @@ def _thresholds(
 
 
 AUTOCLIP = RuleSpec(
-    name="autoclip",
     title="AutoClip",
-    summary="clip the global norm at a percentile of the norms seen so far.",
-    doc="""The current norm joins the history first, then the threshold is the
-``percentile`` (linear interpolation, as ``np.percentile``) of the last
-``history`` finite norms. Non-finite norms stay out of the history, are counted
-in ``state.nonfinite`` and pass the gradients unchanged.""",
-    references='Seetharaman, Wichern, Pardo and Le Roux, "AutoClip: Adaptive Gradient '
-    'Clipping for Source Separation Networks", MLSP 2020.',
+    doc=__doc__,
     state_type=AutoClipState,
-    hypers=(Hyper("percentile", 10, "in [0, 100]; the paper recommends 10."),),
+    defaults={"percentile": 10},
     check=lambda h: {"percentile": check_range("percentile", h["percentile"], 0.0, 100.0)},
     new_state=_new_state,
     thresholds=_thresholds,
-    window=Hyper("history", 10_000, "how many of the last norms the percentile is taken over."),
+    window=("history", 10_000),
 )

@@ -13,9 +13,9 @@ its parameter name), so a state never lends one tensor's threshold to another.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any
 
 from ._kernels import Kernels
@@ -31,87 +31,72 @@ from ._pipeline import (
 )
 
 COEFFICIENT_EPS = 1e-6  # torch's max_norm / (norm + 1e-6)
-
-
-@dataclass(frozen=True)
-class Hyper:
-    """One hyperparameter: its name, default and docs. ``static`` ones pick a code
-    path (a string option): they stay on the host, the others may be traced."""
-
-    name: str
-    default: Any
-    doc: str
-    static: bool = False
+_KIND = inspect.Parameter
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a static argument under jit
 class RuleSpec:
-    """Everything that makes one adaptive rule; the fronts are generated from it."""
+    """Everything that makes one adaptive rule; the fronts are generated from it.
 
-    name: str  # the functional name ("zclip"); the optax transform has it too
-    title: str  # the PyTorch class name ("ZClip")
-    summary: str
-    doc: str  # the rule, shared by every front's docstring
-    references: str
+    ``doc`` is the rule's module docstring: a summary line, the rule, an ``Args:``
+    section documenting ``defaults`` (the hyperparameters, in order) and
+    ``References:``; every front's docstring is built from it.
+    """
+
+    title: str  # the PyTorch class name ("ZClip"); lowercase, the functions' name
+    doc: str
     state_type: Any  # the state's NamedTuple class
-    hypers: tuple[Hyper, ...]
+    defaults: Mapping[str, Any]
     check: Callable[[dict[str, Any]], dict[str, Any]]  # all hyperparameters, validated
     new_state: Callable[..., Any]  # (k, like, dtype, keys, window) -> state
     thresholds: Callable[..., Any]  # (k, norms, total, state, config, **static)
+    static: tuple[str, ...] = ()  # hyperparameters that pick a code path (host values)
     per_tensor: tuple[str, ...] = ()  # state fields with one entry per tensor
-    window: Hyper | None = None  # a size of the state (AutoClip's history)
-    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    window: tuple[str, int] | None = None  # a size of the state and its default
+    aliases: Mapping[str, str] = field(default_factory=dict)  # other accepted names
     coefficient_eps: str | None = None  # the hyperparameter added to norms, if any
     # read-only attributes of the PyTorch objects beyond hyperparameters and state
     # fields: name -> f(state or None, hyperparameters)
-    views: Mapping[str, Callable[[Any, Mapping[str, Any]], Any]] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    views: Mapping[str, Callable[[Any, Mapping[str, Any]], Any]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.title.lower()
 
     def configure(
-        self, args: Sequence[Any] = (), kwargs: Mapping[str, Any] | None = None, owner: str = ""
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Validated ``(traced, static)`` hyperparameters from positional and keyword
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], owner: str
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """``(traced, static, given)`` hyperparameters from positional and keyword
         arguments (aliases accepted); a ``TypeError`` names an unknown one."""
-        kwargs = dict(kwargs or {})
-        for alias, name in self.aliases.items():
-            if alias in kwargs:
-                if name in kwargs:
-                    raise TypeError(f"{owner or self.title}: give {name} or {alias}, not both")
-                kwargs[name] = kwargs.pop(alias)
-        names = [hyper.name for hyper in self.hypers]
-        if len(args) > len(names):
-            raise TypeError(f"{owner or self.title} takes at most {len(names)} positional values")
-        values = {hyper.name: hyper.default for hyper in self.hypers}
-        values.update(zip(names, args, strict=False))
-        for name in kwargs:
-            if name not in values:
-                raise TypeError(f"{owner or self.title} got an unexpected argument {name!r}")
-            if names.index(name) < len(args):
-                raise TypeError(f"{owner or self.title} got {name!r} twice")
-        values.update(kwargs)
-        checked = self.check(values)
-        static = {h.name: checked.pop(h.name) for h in self.hypers if h.static}
-        return checked, static
+        given = dict(zip(self.defaults, args, strict=False))
+        for key, value in kwargs.items():
+            name = self.aliases.get(key, key)
+            if name not in self.defaults or name in given:
+                raise TypeError(f"{owner} got an unexpected or repeated argument {key!r}")
+            given[name] = value
+        if len(args) > len(self.defaults):
+            raise TypeError(f"{owner} takes at most {len(self.defaults)} positional values")
+        checked = self.check({**self.defaults, **given})
+        static = {name: checked.pop(name) for name in self.static}
+        return checked, static, given
 
-    def signature(
-        self, before: Sequence[inspect.Parameter], after: Sequence[inspect.Parameter]
-    ) -> inspect.Signature:
+    def signature(self, before: Sequence[_KIND], after: Sequence[_KIND]) -> inspect.Signature:
         """The hyperparameters as a signature between a front's own parameters."""
-        kind: Any = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        if any(p.kind == inspect.Parameter.KEYWORD_ONLY for p in before):
-            kind = inspect.Parameter.KEYWORD_ONLY
-        hypers = [inspect.Parameter(h.name, kind, default=h.default) for h in self.hypers]
+        kind = _KIND.KEYWORD_ONLY if before else _KIND.POSITIONAL_OR_KEYWORD
+        hypers = [_KIND(name, kind, default=value) for name, value in self.defaults.items()]
         return inspect.Signature([*before, *hypers, *after])
 
-    def docstring(self, head: str, args_before: str, args_after: str, tail: str) -> str:
-        """A front's docstring: its own head, the rule, every hyperparameter, its own
-        arguments and returns, the references."""
-        hypers = "".join(f"    {h.name}: {h.doc}\n" for h in self.hypers)
-        return (
-            f"{head}\n\n{self.doc}\n\nArgs:\n{args_before}{hypers}{args_after}\n{tail}"
-            f"\nReferences:\n    {self.references}\n"
-        )
+    def docstring(self, head: str, before: str, after: str, tail: str = "") -> str:
+        """A front's docstring: its own head, the rule, the hyperparameters between
+        the front's own arguments, its returns, the references."""
+        rule, hypers, references = re.split(r"\n\s*(?:Args|References):\n", self.doc)
+        body = rule.split("\n\n", 1)[1] if "\n\n" in rule else ""
+        args = f"Args:\n{before}{hypers}\n{after}"
+        return f"{head}\n\n{body}\n\n{args}\n{tail.strip()}\n\nReferences:\n{references}"
+
+    def window_of(self, kwargs: dict[str, Any]) -> Any:
+        """The state's size, popped from ``kwargs`` (its default when absent)."""
+        return kwargs.pop(self.window[0], self.window[1]) if self.window else None
 
 
 # -- helpers of the specs' math ------------------------------------------------------
@@ -147,39 +132,29 @@ def leaf_keys(paths: Sequence[str], leaves: Sequence[Any]) -> list[str]:
 def check_keys(spec: RuleSpec, state: Any, keys: Sequence[str]) -> None:
     """A per-tensor state must describe exactly these tensors: a ``ValueError``
     naming the first one that differs."""
-    if not spec.per_tensor:
-        return
-    held = list(getattr(state, spec.per_tensor[0]))
-    if held == list(keys):
-        return
-    for index, (have, want) in enumerate(zip(held, keys, strict=False)):
-        if have != want:
-            raise ValueError(
-                f"{spec.title} keeps one threshold per tensor and its state does not fit "
-                f"these gradients: tensor {index} is {want}, the state's is {have}. "
-                f"Build a new state for these gradients ({spec.name}_init)."
-            )
-    longer, shorter = (held, keys) if len(held) > len(keys) else (keys, held)
-    which = "the state's" if longer is held else "these gradients'"
-    raise ValueError(
-        f"{spec.title} keeps one threshold per tensor and its state does not fit these "
-        f"gradients: the state holds {len(held)} tensors, the gradients {len(keys)}; "
-        f"{which} tensor {len(shorter)} is {longer[len(shorter)]}."
-    )
+    keys = list(keys)
+    held = list(getattr(state, spec.per_tensor[0])) if spec.per_tensor else keys
+    if held != keys:
+        pairs = enumerate(zip(held, keys, strict=False))
+        index = next((i for i, (a, b) in pairs if a != b), min(len(held), len(keys)))
+        mine, theirs = [*keys, "nothing"][index], [*held, "nothing"][index]
+        raise ValueError(
+            f"{spec.title} keeps one threshold per tensor, and its state does not fit these "
+            f"gradients: their tensor {index} is {mine}, the state's is {theirs} ({len(keys)} "
+            f"tensors against {len(held)}). Build a state for them ({spec.name}_init)."
+        )
 
 
 def gathered(spec: RuleSpec, state: Any, keys: Sequence[str], stack: Callable[..., Any]) -> Any:
     """The state with each per-tensor dict stacked into a vector in ``keys``'s order."""
-    return state._replace(
-        **{f: stack([getattr(state, f)[key] for key in keys]) for f in spec.per_tensor}
-    )
+    fields = {f: stack([getattr(state, f)[key] for key in keys]) for f in spec.per_tensor}
+    return state._replace(**fields)
 
 
 def scattered(spec: RuleSpec, state: Any, keys: Sequence[str]) -> Any:
     """The inverse of :func:`gathered`: vectors back into dicts keyed by tensor."""
-    return state._replace(
-        **{f: {key: getattr(state, f)[i] for i, key in enumerate(keys)} for f in spec.per_tensor}
-    )
+    fields = {f: dict(zip(keys, getattr(state, f), strict=True)) for f in spec.per_tensor}
+    return state._replace(**fields)
 
 
 # -- one step's math -------------------------------------------------------------------
@@ -220,9 +195,10 @@ def clip_with_rule(
     if spec.per_tensor:
         units = units_of(k, leaves, reduce)
         norms = k.stack([total_norm(k, unit, p, reduce) for unit in units])
-        total = norm_of_norms(k, norms, p)
         state = gathered(spec, state, keys, k.stack)
-        factor, state = rule_factor(k, spec, norms, total, state, config, static)
+        factor, state = rule_factor(
+            k, spec, norms, norm_of_norms(k, norms, p), state, config, static
+        )
         return apply_per_unit(k, units, factor, in_place=False), scattered(spec, state, keys)
     batch = reduce.prepare(k, leaves)
     total = total_norm(k, batch, p, reduce)

@@ -6,85 +6,62 @@ a clear error; one saved as plain numbers (JSON) comes back with its dtypes."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import array_api_compat as compat
 import numpy as np
+from array_api_compat import numpy as np_compat
 
 from ._checks import check_count, check_ord
 from ._dispatch import flatten_arrays, kernels_for
-from ._kernels import Batch, Kernels
 from ._pipeline import LOCAL, Reduction
 from ._rule import RuleSpec, check_keys, clip_with_rule, leaf_keys
 from ._typing import ArrayTree
 
-
-def make_state(spec: RuleSpec, k: Kernels, batch: Batch, keys: Sequence[str], window: Any) -> Any:
-    """A fresh state for the batch's library, device and accumulator dtype."""
-    like = batch.leaves[0]
-    return spec.new_state(k, like, k.accumulator(batch), list(keys), window)
+WINDOW_DOC = "    {}: how many of the last norms the state keeps (its size).\n"
 
 
-def fit_state(
-    spec: RuleSpec, k: Kernels, state: Any, like: Any, template: Callable[[], Any]
-) -> Any:
+def fit_state(spec: RuleSpec, k: Any, state: Any, like: Any, template: Callable[[], Any]) -> Any:
     """``state`` as arrays of the gradients' library (``like`` is one gradient): plain
     numbers (a state saved as JSON, or NumPy scalars) get the dtypes of a fresh state;
     another library's arrays are a ``TypeError`` (moving a state between libraries is
     the caller's explicit choice)."""
     if not isinstance(state, spec.state_type):
         raise TypeError(f"state must be a {spec.state_type.__name__}, got {type(state).__name__}")
-    xp = k.xp
     fresh: list[Any] = []
 
     def fit(name: str, value: Any, path: tuple[Any, ...]) -> Any:
         if isinstance(value, Mapping):
             return {key: fit(f"{name}[{key!r}]", item, (*path, key)) for key, item in value.items()}
         if isinstance(value, (int, float, list, np.generic)):
-            fresh[:] = fresh or [template()]
+            if not fresh:
+                fresh.append(template())
             model = fresh[0]
             for step in path:
                 model = model[step] if isinstance(model, Mapping) else getattr(model, step)
-            return xp.asarray(value, dtype=model.dtype, **k.placement(model))
-        if not _same_library(value, like):
+            return k.xp.asarray(value, dtype=model.dtype, **k.placement(model))
+        library = compat.array_namespace(like)
+        if compat.array_namespace(value) is not library:
             raise TypeError(
                 f"state.{name} is a {type(value).__module__}.{type(value).__name__}, but the "
-                f"gradients are {_library_name(like)} arrays: build the state from these "
-                f"gradients ({spec.name}_init) or convert it"
+                f"gradients are {library.__name__.removeprefix('array_api_compat.')} arrays: "
+                f"build the state from these gradients ({spec.name}_init) or convert it"
             )
-        return value if compat.is_jax_array(value) else xp.asarray(value)
+        return value
 
-    named: Any = state
-    fields = zip(named._fields, named, strict=True)
-    return type(state)(*(fit(name, value, (name,)) for name, value in fields))
-
-
-def _same_library(value: Any, like: Any) -> bool:
-    try:
-        return compat.array_namespace(value) is compat.array_namespace(like)
-    except TypeError:
-        return False
-
-
-def _library_name(like: Any) -> str:
-    return compat.array_namespace(like).__name__.removeprefix("array_api_compat.")
-
-
-def state_keys(spec: RuleSpec, flat: Any) -> tuple[str, ...]:
-    return tuple(leaf_keys(flat.paths, flat.leaves)) if spec.per_tensor else ()
+    return type(state)(*(fit(n, v, (n,)) for n, v in zip(state._fields, state, strict=True)))
 
 
 def functional_init(spec: RuleSpec, grads: ArrayTree, window: Any = None) -> Any:
     """The spec's initial state for gradients like ``grads`` (NumPy float32 when empty)."""
-    import numpy as np
-    from array_api_compat import numpy as np_compat
-
     flat, k = flatten_arrays(grads)
     if k is None:
-        k = kernels_for(np_compat)
-        return spec.new_state(k, np.zeros((), np.float32), np.float32, [], window)
-    return make_state(spec, k, k.prepare(flat.leaves), state_keys(spec, flat), window)
+        empty = np.zeros((), np.float32)
+        return spec.new_state(kernels_for(np_compat), empty, np.float32, [], window)
+    keys = leaf_keys(flat.paths, flat.leaves) if spec.per_tensor else []
+    like, dtype = flat.leaves[0], k.accumulator(k.prepare(flat.leaves))
+    return spec.new_state(k, like, dtype, keys, window)
 
 
 def functional_step(
@@ -103,17 +80,14 @@ def functional_step(
     flat, k = flatten_arrays(grads)
     if k is None:
         return grads, state
-    keys = state_keys(spec, flat)
-    if reduce is not LOCAL:  # local shards: their shapes are not the whole tensors'
-        keys = _by_path(spec, state, keys)
+    keys = tuple(leaf_keys(flat.paths, flat.leaves)) if spec.per_tensor else ()
+    if reduce is not LOCAL and spec.per_tensor:  # local shards: not the tensors' shapes
+        held = tuple(getattr(state, spec.per_tensor[0]))
+        keys = held if [_path(a) for a in held] == [_path(b) for b in keys] else keys
     check_keys(spec, state, keys)
-    state = fit_state(
-        spec,
-        k,
-        state,
-        flat.leaves[0],
-        lambda: make_state(spec, k, k.prepare(flat.leaves), keys, _window_of(spec, state)),
-    )
+    history: Any = spec.window and getattr(state, spec.window[0])
+    window = spec.window and (history.shape[0] if hasattr(history, "shape") else len(history))
+    state = fit_state(spec, k, state, flat.leaves[0], lambda: functional_init(spec, grads, window))
     clipped, state = k.run(
         clip_with_rule,
         flat.leaves,
@@ -128,33 +102,8 @@ def functional_step(
     return flat.unflatten(clipped), state
 
 
-def _by_path(spec: RuleSpec, state: Any, keys: tuple[str, ...]) -> tuple[str, ...]:
-    """The state's keys where they name the same tensors (by key path) in the same order."""
-    held = tuple(getattr(state, spec.per_tensor[0], {})) if spec.per_tensor else ()
-    same = [a.rsplit(" (", 1)[0] for a in held] == [b.rsplit(" (", 1)[0] for b in keys]
-    return held if same else keys
-
-
-def _window_of(spec: RuleSpec, state: Any) -> Any:
-    if spec.window is None:
-        return None
-    held = getattr(state, spec.window.name)
-    return len(held) if isinstance(held, list) else held.shape[0]
-
-
-def check_window(spec: RuleSpec, window: Any) -> Any:
-    assert spec.window is not None
-    return check_count(spec.window.name, window, low=1)
-
-
-_TREE_ARGS = """    grads: a pytree of gradient arrays (``None`` leaves skipped).
-    state: the previous state (``{name}_init(grads)`` at first).
-"""
-_ORD = "    ord: the norm's order: 2 (default), 1, ``inf`` or any p > 0.\n"
-_RETURNS = """Returns:
-    The pair ``(clipped, state)``: a new tree like ``grads``, and the new state
-    (``state.norm``: the pre-clip norm; ``state.threshold``: the threshold in force).
-"""
+def _path(key: str) -> str:
+    return key.rsplit(" (", 1)[0]
 
 
 def functional_front(spec: RuleSpec) -> tuple[Callable[..., Any], Callable[..., Any]]:
@@ -162,42 +111,41 @@ def functional_front(spec: RuleSpec) -> tuple[Callable[..., Any], Callable[..., 
     ``agclip.<name>``."""
 
     def init(grads: ArrayTree, **window: Any) -> Any:
-        size = None
-        if spec.window is not None:
-            size = check_window(spec, window.pop(spec.window.name, spec.window.default))
+        size = spec.window_of(window)
         if window:
             raise TypeError(f"{spec.name}_init got an unexpected argument {next(iter(window))!r}")
-        return functional_init(spec, grads, size)
+        return functional_init(spec, grads, spec.window and check_count(spec.window[0], size, 1))
 
     def step(grads: ArrayTree, state: Any, *, ord: Any = 2, **hypers: Any) -> tuple[ArrayTree, Any]:
-        config, static = spec.configure((), hypers, owner=spec.name)
+        config, static, _ = spec.configure((), hypers, spec.name)
         return functional_step(spec, grads, state, config, static, ord=ord)
 
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
-    grads_param = inspect.Parameter("grads", positional)
-    window_params = (
-        [inspect.Parameter(spec.window.name, keyword, default=spec.window.default)]
+    positional, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
+    grads = inspect.Parameter("grads", positional)
+    window = (
+        [inspect.Parameter(*spec.window[:1], keyword, default=spec.window[1])]
         if spec.window
         else []
     )
-    init.__signature__ = inspect.Signature([grads_param, *window_params])  # type: ignore[attr-defined]
-    window_doc = ""
-    if spec.window:
-        window_doc = (
-            "\n\nArgs:\n    grads: gradients like the ones to clip.\n"
-            f"    {spec.window.name}: {spec.window.doc}"
-        )
-    init.__doc__ = (
-        f"{spec.title}'s initial state for gradients like ``grads`` (their library, "
-        f"device, dtypes{' and tensors' if spec.per_tensor else ''}).{window_doc}"
-    )
+    init.__signature__ = inspect.Signature([grads, *window])  # type: ignore[attr-defined]
     step.__signature__ = spec.signature(  # type: ignore[attr-defined]
-        [grads_param, inspect.Parameter("state", positional)],
+        [grads, inspect.Parameter("state", positional)],
         [inspect.Parameter("ord", keyword, default=2)],
     )
+    sizes = WINDOW_DOC.format(spec.window[0]) if spec.window else ""
+    init.__doc__ = f"""{spec.title}'s initial state for gradients like ``grads`` (their library,
+device, dtypes{" and tensors" if spec.per_tensor else ""}).
+
+Args:
+    grads: a pytree of gradient arrays.
+{sizes}"""
     step.__doc__ = spec.docstring(
-        f"{spec.title}: {spec.summary}", _TREE_ARGS.format(name=spec.name), _ORD, _RETURNS
+        f"{spec.title}: {spec.doc.splitlines()[0].split(': ', 1)[-1]}",
+        "    grads: a pytree of gradient arrays (``None`` leaves skipped).\n"
+        f"    state: the previous state (``{spec.name}_init(grads)`` at first).\n",
+        "    ord: the norm's order: 2 (default), 1, ``inf`` or any p > 0.\n",
+        "Returns:\n    The pair ``(clipped, state)``: a new tree like ``grads`` and the new state\n"
+        "    (``state.norm``: the pre-clip norm; ``state.threshold``: the one in force).\n",
     )
     for fn, name in ((init, f"{spec.name}_init"), (step, spec.name)):
         fn.__name__ = fn.__qualname__ = name

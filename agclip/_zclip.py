@@ -1,5 +1,38 @@
-"""ZClip (Kumar et al., 2025): clip the global norm when it is a z-score outlier of its
-own EMA statistics. The spec: state, hyperparameters, threshold update."""
+"""ZClip: clip the global norm when it is an outlier of its own recent history.
+
+The first ``warmup_steps`` finite norms only build the mean and variance
+(clipping at ``max_grad_norm`` if one is given). After that the norm's EMA
+mean and variance (smoothing ``alpha``) give a z-score; a norm with
+``z > z_thresh`` is a spike and is clipped to ``mean + z_thresh**2 * std / z``
+(``clip_option="adaptive_scaling"``, the paper's rule, times ``clip_factor``)
+or to ``mean`` (``"mean"``). ``mode="percentile"`` clips every norm above
+``mean + z_thresh * std`` to that value. The moments then take in the clipped
+value (not at all with ``skip_update_on_spike``).
+
+Differences from the zclip package: no hidden fixed cap (``max_grad_norm=None``
+by default; the package's 1.0 makes it never looser than a fixed clip at 1);
+a NaN or inf norm leaves the moments untouched, is counted in
+``state.nonfinite`` and passes the gradients unchanged (the package's moments
+turn NaN for good); a zero norm stays out of the statistics, and the warm-up
+goes on until the norms show a spread (std > 1e-6 of the mean), so a warm-up of
+all-zero or constant norms cannot make every later norm a spike (the package
+then clips every gradient to zero, or to the constant, for good).
+
+Args:
+    alpha: EMA smoothing of the norm's mean and variance, in [0, 1).
+    z_thresh: the z-score above which a norm is a spike (> 0).
+    max_grad_norm: an optional fixed cap on the threshold, or ``None``.
+    std_eps: added to the standard deviation in the z-score (``eps``: the same).
+    warmup_steps: finite norms collected before clipping adaptively (>= 1).
+    mode: ``"zscore"`` or ``"percentile"``.
+    clip_option: ``"adaptive_scaling"`` (the paper's) or ``"mean"`` (z-score mode).
+    clip_factor: multiplies the adaptive-scaling threshold (> 0).
+    skip_update_on_spike: keep spikes out of the statistics.
+
+References:
+    Kumar, Owen, Roy Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation for
+    LLM Pre-Training", 2025 (arXiv:2504.02507).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +41,7 @@ from typing import Any, NamedTuple
 
 from ._checks import check_count, check_eps, check_flag, check_range, check_threshold, choice
 from ._kernels import Kernels
-from ._rule import Hyper, RuleSpec, as_flag, counted, scalars
+from ._rule import RuleSpec, as_flag, counted, scalars
 
 # Statistics without spread (constant norms) cannot tell an outlier: every larger norm
 # would score as a spike and be clipped to the mean, which then never moves again.
@@ -16,22 +49,26 @@ SPREAD = 1e-6  # the smallest std, relative to the mean, that ends the warm-up
 
 
 class ZClipState(NamedTuple):
-    """ZClip's state: the norm's running moments and counters (0-d arrays)."""
+    """ZClip's state: the norm's running moments and counters (0-d arrays).
+
+    Attributes:
+        count: finite norms taken into the moments (int32); warm-up ends at
+            ``warmup_steps``.
+        mean: the norm's mean: a plain mean during warm-up, an EMA after.
+        var: the norm's variance, likewise (population variance during warm-up).
+        norm: the last pre-clip norm.
+        threshold: the last threshold in force (``inf``: none).
+        spikes: steps clipped by the adaptive threshold (int32).
+        nonfinite: steps whose norm was NaN or inf (int32): the gradients passed unchanged.
+    """
 
     count: Any
-    """Finite norms taken into the moments (int32); warm-up ends at ``warmup_steps``."""
     mean: Any
-    """The norm's mean: a plain mean during warm-up, an EMA after."""
     var: Any
-    """The norm's variance, likewise (population variance during warm-up)."""
     norm: Any
-    """The last pre-clip norm."""
     threshold: Any
-    """The last threshold in force (``inf``: none)."""
     spikes: Any
-    """Steps clipped by the adaptive threshold (int32)."""
     nonfinite: Any
-    """Steps whose norm was NaN or inf (int32): the gradients passed unchanged."""
 
 
 def _check(h: dict[str, Any]) -> dict[str, Any]:
@@ -45,11 +82,8 @@ def _check(h: dict[str, Any]) -> dict[str, Any]:
         "std_eps": check_eps(h["std_eps"], "std_eps"),
         "warmup_steps": check_count("warmup_steps", h["warmup_steps"], low=1),
         "mode": mode,
-        # ignored in percentile mode, as in the zclip package
-        "clip_option": option if mode == "zscore" else "adaptive_scaling",
-        "clip_factor": check_range(
-            "clip_factor", h["clip_factor"], 0.0, open_low=True, open_high=True
-        ),
+        "clip_option": option if mode == "zscore" else "adaptive_scaling",  # as the package
+        "clip_factor": check_range("clip_factor", h["clip_factor"], 0.0, open_low=True),
         "skip_update_on_spike": check_flag("skip_update_on_spike", h["skip_update_on_spike"]),
     }
 
@@ -118,48 +152,24 @@ def _thresholds(
 
 
 ZCLIP = RuleSpec(
-    name="zclip",
     title="ZClip",
-    summary="clip the global norm when it is an outlier of its own recent history.",
-    doc="""The first ``warmup_steps`` finite norms only build the mean and variance
-(clipping at ``max_grad_norm`` if one is given). After that the norm's EMA
-mean and variance (smoothing ``alpha``) give a z-score; a norm with
-``z > z_thresh`` is a spike and is clipped to ``mean + z_thresh**2 * std / z``
-(``clip_option="adaptive_scaling"``, the paper's rule, times ``clip_factor``)
-or to ``mean`` (``"mean"``). ``mode="percentile"`` clips every norm above
-``mean + z_thresh * std`` to that value. The moments then take in the clipped
-value (not at all with ``skip_update_on_spike``).
-
-Differences from the zclip package: no hidden fixed cap (``max_grad_norm=None``
-by default; the package's 1.0 makes it never looser than a fixed clip at 1);
-a NaN or inf norm leaves the moments untouched, is counted in
-``state.nonfinite`` and passes the gradients unchanged (the package's moments
-turn NaN for good); a zero norm stays out of the statistics, and the warm-up
-goes on until the norms show a spread (std > 1e-6 of the mean), so a warm-up of
-all-zero or constant norms cannot make every later norm a spike (the package
-then clips every gradient to zero, or to the constant, for good).""",
-    references='Kumar, Owen, Roy Chowdhury and Güra, "ZClip: Adaptive Spike Mitigation '
-    'for LLM Pre-Training", 2025 (arXiv:2504.02507).',
+    doc=__doc__,
     state_type=ZClipState,
-    hypers=(
-        Hyper("alpha", 0.97, "EMA smoothing of the norm's mean and variance, in [0, 1)."),
-        Hyper("z_thresh", 2.5, "the z-score above which a norm is a spike (> 0)."),
-        Hyper("max_grad_norm", None, "an optional fixed cap on the threshold, or ``None``."),
-        Hyper("std_eps", 1e-6, "added to the standard deviation in the z-score (alias ``eps``)."),
-        Hyper("warmup_steps", 25, "finite norms collected before clipping adaptively (>= 1)."),
-        Hyper("mode", "zscore", '``"zscore"`` or ``"percentile"``.', static=True),
-        Hyper(
-            "clip_option",
-            "adaptive_scaling",
-            '``"adaptive_scaling"`` (the paper\'s) or ``"mean"`` (z-score mode).',
-            static=True,
-        ),
-        Hyper("clip_factor", 1.0, "multiplies the adaptive-scaling threshold (> 0)."),
-        Hyper("skip_update_on_spike", False, "keep spikes out of the statistics."),
-    ),
+    defaults={
+        "alpha": 0.97,
+        "z_thresh": 2.5,
+        "max_grad_norm": None,
+        "std_eps": 1e-6,
+        "warmup_steps": 25,
+        "mode": "zscore",
+        "clip_option": "adaptive_scaling",
+        "clip_factor": 1.0,
+        "skip_update_on_spike": False,
+    },
     check=_check,
     new_state=_new_state,
     thresholds=_thresholds,
+    static=("mode", "clip_option"),
     aliases={"eps": "std_eps"},
     views={  # the zclip package's attributes
         "initialized": lambda state, h: state is not None and state.count >= h["warmup_steps"],

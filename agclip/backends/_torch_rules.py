@@ -30,13 +30,38 @@ from ._torch_grads import (
     warn_if_no_gradients,
 )
 
-FIRST_CAPACITY = 256  # an unbounded AutoClip history starts here and doubles
+FIRST_CAPACITY = 256  # an unbounded history starts here and doubles
+_OPTIONS = """    norm_type, foreach, process_group: as in ``clip_grad_norm_`` (with a process
+        group or DTensor gradients, the norm is global).
+"""
+_NEW_TENSORS = """    new_tensors: ``"error"`` (default): gradients of a tensor the state has not
+        seen are a ``ValueError`` naming it; ``"init"``: such a tensor starts a fresh
+        entry (mixture-of-experts routing, a layer unfrozen). Tensors without a
+        gradient this step keep their entries.
+"""
 
 
 class AdaptiveRule:
     """An adaptive rule for PyTorch gradients (see the concrete classes)."""
 
     spec: ClassVar[RuleSpec]
+
+    def __init_subclass__(cls) -> None:
+        """A concrete rule's signature and docstring, built from its spec (the class's
+        own docstring adds what is PyTorch-specific)."""
+        spec, keyword = cls.spec, inspect.Parameter.KEYWORD_ONLY
+        own: list[tuple[str, Any]] = [spec.window] if spec.window else []
+        own += [("new_tensors", "error")] if spec.per_tensor else []
+        own += [("norm_type", 2.0), ("foreach", None), ("process_group", None)]
+        extra = [inspect.Parameter(name, keyword, default=value) for name, value in own]
+        cls.__signature__ = spec.signature([], extra)  # type: ignore[attr-defined]
+        window = ""
+        if spec.window:
+            window = f"    {spec.window[0]}: the last norms kept; ``None``: every norm.\n"
+        options = window + (_NEW_TENSORS if spec.per_tensor else "") + _OPTIONS
+        head = f"{spec.title}: {spec.doc.splitlines()[0].split(': ', 1)[-1]}"
+        cls.__doc__ = spec.docstring(head, "", options, inspect.cleandoc(cls.__doc__ or ""))
+        cls.__module__ = "agclip.backends.torch"
 
     def __init__(
         self,
@@ -46,28 +71,24 @@ class AdaptiveRule:
         process_group: Any = None,
         **kwargs: Any,
     ):
-        spec, name = self.spec, type(self).__name__
-        window = spec.window
-        size = kwargs.pop(window.name, window.default) if window else None
-        new_tensors = kwargs.pop("new_tensors", "error") if spec.per_tensor else "error"
-        config, static = spec.configure(args, kwargs, owner=name)
-        given = {h.name: h.default for h in spec.hypers}
-        given.update(zip(given, args, strict=False))
-        given.update({spec.aliases.get(key, key): value for key, value in kwargs.items()})
-        object.__setattr__(self, "_views", {**given, **config, **static})
+        spec = self.spec
+        size = spec.window_of(kwargs)
+        new_tensors = (
+            kwargs.pop("new_tensors") if spec.per_tensor and "new_tensors" in kwargs else "error"
+        )
+        config, static, given = spec.configure(args, kwargs, type(self).__name__)
+        object.__setattr__(self, "_views", {**config, **static, **given})
         self.config, self.static = config, static
-        self.window = None if size is None else check_count(window.name, size, low=1)  # type: ignore[union-attr]
+        self.window = None if size is None else check_count(spec.window[0], size, low=1)  # type: ignore[index]
         self.new_tensors = choice("new_tensors", new_tensors, ("error", "init"))
         self.norm_type = norm_type_arg(norm_type)
-        self.foreach = foreach
-        self.process_group = process_group
+        self.foreach, self.process_group = foreach, process_group
         self.state: Any = None  # a NamedTuple of tensors, made at the first step
         self._steps = 0  # steps taken: a host-side bound on an unbounded history
 
     # -- the zclip package's attributes, as read-only views --------------------------
     def __getattr__(self, name: str) -> Any:
-        views = self.__dict__.get("_views", {})
-        name = self.spec.aliases.get(name, name)
+        views, name = self.__dict__.get("_views", {}), self.spec.aliases.get(name, name)
         if name in self.spec.views:
             return self.spec.views[name](self.state, views)
         if name in views:
@@ -77,12 +98,8 @@ class AdaptiveRule:
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
-        fields = self.spec.state_type._fields
-        if (
-            name in self.spec.views
-            or name in self.spec.aliases
-            or (name in fields or any(h.name == name for h in self.spec.hypers))
-        ):
+        spec = self.spec
+        if {name, spec.aliases.get(name)} & {*spec.views, *spec.defaults, *spec.state_type._fields}:
             raise AttributeError(
                 f"{type(self).__name__}.{name} is read-only: hyperparameters are set when the "
                 "rule is made, and the statistics live in .state (load_state_dict to change them)"
@@ -118,72 +135,51 @@ class AdaptiveRule:
         divisor: torch.Tensor | None = None,
     ) -> Decision:
         """This step's norm and factor(s), with the state updated; nothing written yet."""
-        spec, p = self.spec, self.norm_type
+        spec, p, units = self.spec, self.norm_type, None
         if spec.per_tensor:
-            units = [
-                distributed_batch(k, k.prepare([grad]), process_group) for grad in grads.leaves
-            ]
-            if process_group is not None or any(reduce is not LOCAL for _, reduce in units):
-                _check_every_rank_holds(len(units), spec.title)
-            norms = k.stack([total_norm(k, unit, p, reduce) for unit, reduce in units])
-            total = norm_of_norms(k, norms, p)
-            norms, total = _unscaled(norms, divisor), _unscaled(total, divisor)
-            if check is not None:
-                check(total)
-            keys = leaf_keys(names, grads.leaves)
-            state = self._state(k, grads, keys)
-            factor, new = rule_factor(
-                k,
-                spec,
-                norms,
-                total,
-                gathered(spec, state, keys, k.stack),
-                self.config,
-                self.static,
-            )
-            new = scattered(spec, new, keys)
-            self.state = new._replace(**_entries(spec, state, new))
-            return Decision(total, factor, grads, units=[unit for unit, _ in units])
-        batch, reduce = distributed_batch(k, grads, process_group)
-        total = _unscaled(total_norm(k, batch, p, reduce), divisor)
+            parts = [distributed_batch(k, k.prepare([g]), process_group) for g in grads.leaves]
+            if process_group is not None or any(reduce is not LOCAL for _, reduce in parts):
+                _check_every_rank_holds(len(parts), spec.title)
+            units = [unit for unit, _ in parts]
+            norms = _unscaled(k.stack([total_norm(k, u, p, r) for u, r in parts]), divisor)
+            total, batch = norm_of_norms(k, norms, p), grads
+        else:
+            batch, reduce = distributed_batch(k, grads, process_group)
+            norms, total = None, _unscaled(total_norm(k, batch, p, reduce), divisor)
         if check is not None:
             check(total)
-        state = self._state(k, batch, [])
-        factor, self.state = rule_factor(k, spec, None, total, state, self.config, self.static)
+        keys = leaf_keys(names, grads.leaves) if spec.per_tensor else []
+        state = self._state(k, batch, keys)
+        factor, new = rule_factor(
+            k, spec, norms, total, gathered(spec, state, keys, k.stack), self.config, self.static
+        )
+        new = scattered(spec, new, keys)
+        self.state = new._replace(**_entries(spec, state, new))
         self._steps += 1
-        return Decision(total, factor, batch)
+        return Decision(total, factor, batch, units)
 
     def _state(self, k: Kernels, batch: Batch, keys: list[str]) -> Any:
         """The state on the gradients' device and in their accumulator dtype; a new one
         at the first step. Per-tensor state must know these tensors (or, with
         ``new_tensors="init"``, starts an entry for each new one)."""
         like = batch.leaves[0] if batch else torch.zeros(())
-        dtype = k.accumulator(batch)
-        window = self.window or FIRST_CAPACITY
-        if self.state is None:
-            return self.spec.new_state(k, like, dtype, keys, window)
-        state = self.state
-        if self.spec.window is not None and self.window is None:
-            state = self._grown(state)
-        new = [key for key in keys if key not in getattr(state, self.spec.per_tensor[0], keys)]
+        dtype, spec = k.accumulator(batch), self.spec
+        state = self.state or spec.new_state(k, like, dtype, keys, self.window or FIRST_CAPACITY)
+        if spec.window and self.window is None:  # an unbounded history doubles when full
+            history = getattr(state, spec.window[0])
+            if self._steps >= history.shape[0]:
+                more = torch.full_like(history, float("inf"))
+                state = state._replace(**{spec.window[0]: torch.cat([history, more])})
+        new = [key for key in keys if key not in getattr(state, spec.per_tensor[0], keys)]
         if new and self.new_tensors == "error":
             raise ValueError(
-                f"{self.spec.title} keeps one threshold per tensor and has none for {new[0]}: "
-                f"its state describes other tensors. Pass {self.spec.title}(new_tensors='init') "
+                f"{spec.title} keeps one threshold per tensor and has none for {new[0]}: "
+                f"its state describes other tensors. Pass {spec.title}(new_tensors='init') "
                 "if tensors may join later (mixture-of-experts routing, a layer unfrozen)."
             )
         if new:
-            fresh = self.spec.new_state(k, like, dtype, new, window)
-            state = state._replace(**_entries(self.spec, state, fresh))
+            state = state._replace(**_entries(spec, state, spec.new_state(k, like, dtype, new, 1)))
         return _cast(state, like.device, dtype)
-
-    def _grown(self, state: Any) -> Any:
-        """An unbounded history (``history=None``) doubles when full."""
-        history = getattr(state, self.spec.window.name)  # type: ignore[union-attr]
-        if self._steps < history.shape[0]:
-            return state
-        more = torch.full_like(history, float("inf"))
-        return state._replace(**{self.spec.window.name: torch.cat([history, more])})  # type: ignore[union-attr]
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -194,33 +190,26 @@ class AdaptiveRule:
         """Restore a state saved by ``state_dict()`` (tensors, or plain numbers and
         lists as from JSON: each field gets the dtype it had). Tensors move to the
         gradients' device at the next step."""
-        name, fields = type(self).__name__, self.spec.state_type._fields
-        if not state_dict:
-            self.state, self._steps = None, 0
-            return
-        saved = state_dict.get("state", {})
-        if set(saved) != set(fields):
+        name, spec, saved = type(self).__name__, self.spec, state_dict.get("state", {})
+        fields = spec.state_type._fields
+        if state_dict and set(saved) != set(fields):
             raise ValueError(
                 f"{name}.load_state_dict: expected the state fields "
                 f"{', '.join(fields)}, got {', '.join(sorted(saved)) or 'none'}"
             )
-        keys = list(saved[self.spec.per_tensor[0]]) if self.spec.per_tensor else []
-        held = len(saved[self.spec.window.name]) if self.spec.window else None
-        template = self.spec.new_state(kernels(), torch.zeros(()), torch.float64, keys, held or 1)
+        if not state_dict:
+            self.state, self._steps = None, 0
+            return
+        keys = list(saved[spec.per_tensor[0]]) if spec.per_tensor else []
+        held = len(saved[spec.window[0]]) if spec.window else 1
+        template = spec.new_state(kernels(), torch.zeros(()), torch.float64, keys, held)
         state = type(template)(*(_like(saved[f], t) for f, t in zip(fields, template, strict=True)))
-        if self.spec.window is not None:
-            count = int(state.count)  # read once here, not per step
-            if self.window is not None and held != self.window:
-                raise ValueError(
-                    f"{name}({self.spec.window.name}={self.window}).load_state_dict: the state "
-                    f"holds a history of {held} norms; load it into {name}(history={held})"
-                )
-            if self.window is None and count > held:  # type: ignore[operator]
-                raise ValueError(
-                    f"{name}(history=None).load_state_dict: the state saw {count} norms but "
-                    f"kept only the last {held}; load it into {name}(history={held})"
-                )
-            self._steps = count
+        self._steps = int(state.count)  # read once here, not per step
+        if spec.window and (held != self.window if self.window else self._steps > held):
+            raise ValueError(
+                f"{name}.load_state_dict: the state holds the last {held} of "
+                f"{self._steps} norms; load it into {name}(history={held})"
+            )
         self.state = state
 
 
@@ -230,16 +219,16 @@ def _like(value: Any, like: Any) -> Any:
     return torch.as_tensor(value).to(like.dtype)
 
 
-def _cast(state: Any, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+def _cast(state: Any, device: torch.device, dtype: torch.dtype) -> Any:
     """Every field on ``device``; floating fields in ``dtype`` (counters stay int32)."""
 
     def cast(value: Any) -> Any:
         if isinstance(value, dict):
             return {key: cast(item) for key, item in value.items()}
-        wanted = dtype if dtype is not None and value.is_floating_point() else value.dtype
-        if value.device == (device or value.device) and value.dtype == wanted:
-            return value
-        return value.to(device=device, dtype=wanted)
+        wanted = dtype if value.is_floating_point() else value.dtype
+        return (
+            value if value.device == device and value.dtype == wanted else value.to(device, wanted)
+        )
 
     return type(state)(*(cast(value) for value in state))
 
@@ -271,42 +260,3 @@ def _check_every_rank_holds(tensors: int, title: str) -> None:
             f"and {most} tensors (pipeline stages?). Use a global-norm rule there (ZClip, "
             "AutoClip): they need only the global norm."
         )
-
-
-def torch_rule(spec: RuleSpec, example: str) -> type[AdaptiveRule]:
-    """The PyTorch class of ``spec``, with its signature and docstring."""
-    rule = type(spec.title, (AdaptiveRule,), {"spec": spec, "__module__": "agclip.backends.torch"})
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    extra = []
-    if spec.window is not None:
-        extra.append(inspect.Parameter(spec.window.name, keyword, default=spec.window.default))
-    if spec.per_tensor:
-        extra.append(inspect.Parameter("new_tensors", keyword, default="error"))
-    rule.__signature__ = spec.signature(  # type: ignore[attr-defined]
-        [],
-        [
-            *extra,
-            inspect.Parameter("norm_type", keyword, default=2.0),
-            inspect.Parameter("foreach", keyword, default=None),
-            inspect.Parameter("process_group", keyword, default=None),
-        ],
-    )
-    after = _TORCH_ARGS
-    if spec.window is not None:
-        keep_all = "``None`` keeps every norm (the buffer on the device doubles when full)."
-        after = f"    {spec.window.name}: {spec.window.doc} {keep_all}\n" + after
-    if spec.per_tensor:
-        after = _NEW_TENSORS + after
-    rule.__doc__ = spec.docstring(f"{spec.title}: {spec.summary}", "", after, example)
-    return rule
-
-
-_TORCH_ARGS = """    norm_type: the norm's order (2.0 default, 1, ``inf``, any p > 0).
-    foreach: as in ``clip_grad_norm_``.
-    process_group: as in ``clip_grad_norm_``: the norm is global.
-"""
-_NEW_TENSORS = """    new_tensors: ``"error"`` (default): gradients of a tensor the state has not
-        seen are a ``ValueError`` naming it; ``"init"``: such a tensor starts a fresh
-        entry (mixture-of-experts routing, a layer unfrozen). Entries of tensors
-        without a gradient this step are kept as they were.
-"""

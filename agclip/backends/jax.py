@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from functools import partial
 from typing import Any, NamedTuple
 
 from .._missing import missing
@@ -53,7 +54,7 @@ from .._pipeline import (
     zero_nonfinite_leaves,
 )
 from .._rule import RuleSpec
-from .._rule_front import check_window, functional_init, functional_step
+from .._rule_front import functional_init, functional_step
 from .._tree import flatten
 from .._typing import Array, Scalar
 from .._zclip import ZCLIP
@@ -286,60 +287,39 @@ def optax_rule(spec: RuleSpec) -> Any:
     def factory(
         *args: Any, ord: Any = None, axis_name: Any = None, specs: Any = None, **kwargs: Any
     ) -> Any:
-        window = None
-        if spec.window is not None:
-            window = check_window(spec, kwargs.pop(spec.window.name, spec.window.default))
-        config, static = spec.configure(args, kwargs, owner=spec.name)
+        size = spec.window_of(kwargs)
+        window = spec.window and check_count(spec.window[0], size, low=1)
+        config, static, _ = spec.configure(args, kwargs, spec.name)
         p = order(ord)
         _check_specs(axis_name, specs)
-
-        def init(params: Any) -> Any:
-            return functional_init(spec, params, window)
 
         def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
             del params
             reduce = reduction_for(axis_name, specs, updates)
             return functional_step(spec, updates, state, config, static, ord=p, reduce=reduce)
 
-        return optax.GradientTransformation(init, update)
+        return optax.GradientTransformation(partial(functional_init, spec, window=window), update)
 
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    window = (
-        [inspect.Parameter(spec.window.name, keyword, default=spec.window.default)]
-        if spec.window
-        else []
-    )
+    keyword, window = inspect.Parameter.KEYWORD_ONLY, [spec.window] if spec.window else []
+    extra = [*window, ("ord", None), ("axis_name", None), ("specs", None)]
     factory.__signature__ = spec.signature(  # type: ignore[attr-defined]
-        [],
-        [
-            *window,
-            inspect.Parameter("ord", keyword, default=None),
-            inspect.Parameter("axis_name", keyword, default=None),
-            inspect.Parameter("specs", keyword, default=None),
-        ],
+        [], [inspect.Parameter(name, keyword, default=value) for name, value in extra]
     )
-    after = _OPTAX_ARGS
-    if spec.window is not None:
-        after = f"    {spec.window.name}: {spec.window.doc} (It sizes the state: static.)\n" + after
+    sizes = "".join(
+        f"    {name}: the last norms kept (the state's size: static).\n" for name, _ in window
+    )
     factory.__doc__ = spec.docstring(
-        f"{spec.title} as an optax transform: {spec.summary}", "", after, _OPTAX_RETURNS
+        f"{spec.title} as an optax transform: {spec.doc.splitlines()[0].split(': ', 1)[-1]}",
+        "",
+        sizes + "    ord, axis_name, specs: as in ``clip_by_global_norm`` (static).\n",
+        "Returns:\n    An ``optax.GradientTransformation`` whose state is the rule's (log\n"
+        "    ``norm``, ``threshold``, the counters). A non-finite norm passes the updates\n"
+        "    unchanged: compose with ``apply_if_finite`` to skip such steps.\n",
     )
     factory.__name__ = factory.__qualname__ = spec.name
     factory.__module__ = __name__
     return factory
 
-
-_OPTAX_ARGS = """    ord: ``None`` (2), 1, ``inf`` or any p > 0 (static).
-    axis_name: inside ``shard_map``, the axis (or axes) the updates are partitioned
-        over, as in ``clip_by_global_norm``: the norm (and so the state) is then the
-        same on every device.
-    specs: with ``axis_name``, the ``PartitionSpec`` of each update leaf.
-"""
-_OPTAX_RETURNS = """Returns:
-    An ``optax.GradientTransformation`` whose state is the rule's state (``norm``,
-    ``threshold``, counters): log it. A non-finite norm passes the updates
-    unchanged: compose with ``apply_if_finite`` to skip such steps.
-"""
 
 zclip = optax_rule(ZCLIP)
 autoclip = optax_rule(AUTOCLIP)

@@ -64,7 +64,7 @@ from ._torch_grads import (
     threshold,
     warn_if_no_gradients,
 )
-from ._torch_rules import AdaptiveRule, torch_rule
+from ._torch_rules import AdaptiveRule
 
 __all__ = [
     "AdaGC",
@@ -83,45 +83,45 @@ __all__ = [
     "get_total_norm",
 ]
 
-ZClip = torch_rule(
-    ZCLIP,
-    """
-A drop-in for the ``zclip`` package's ``ZClip``: the same arguments, ``step(model)``
-after ``backward()``, and its attributes (``mean``, ``var``, ``initialized``, the
-hyperparameters) as read-only views; ``step`` returns the norm as a tensor (no
-host sync).
 
-Examples:
-    >>> import torch
-    >>> from agclip.backends.torch import ZClip
-    >>> model = torch.nn.Linear(4, 1)
-    >>> zclip = ZClip(warmup_steps=5)
-    >>> for scale in [1.0, 1.1] * 5 + [100.0]:
-    ...     model.zero_grad()
-    ...     model(torch.ones(2, 4)).sum().mul(scale).backward()
-    ...     norm = zclip.step(model)
-    >>> int(zclip.spikes), round(float(norm))
-    (1, 447)
-""",
-)
-AutoClip = torch_rule(
-    AUTOCLIP,
+class ZClip(AdaptiveRule):
+    """A drop-in for the ``zclip`` package's ``ZClip``: the same arguments,
+    ``step(model)`` after ``backward()``, and its attributes (``mean``, ``var``,
+    ``initialized``, the hyperparameters) as read-only views; ``step`` returns the
+    norm as a tensor (no host sync).
+
+    Examples:
+        >>> import torch
+        >>> from agclip.backends.torch import ZClip
+        >>> model = torch.nn.Linear(4, 1)
+        >>> zclip = ZClip(warmup_steps=5)
+        >>> for scale in [1.0, 1.1] * 5 + [100.0]:
+        ...     model.zero_grad()
+        ...     model(torch.ones(2, 4)).sum().mul(scale).backward()
+        ...     norm = zclip.step(model)
+        >>> int(zclip.spikes), round(float(norm))
+        (1, 447)
     """
-Unlike the paper's code, no norm is read on the host (it reads one per
-parameter per step) and the percentile is taken on the device.
-""",
-)
-AdaGC = torch_rule(
-    ADAGC,
-    """
-With ``process_group`` or DTensor gradients, each tensor's norm is reduced
-across ranks, so every rank must hold a part of every tensor (FSDP2, TP, FSDP1
-or ZeRO shards; checked at every step, the same error on every rank). Pipeline
-stages, which hold different tensors, are refused: use ZClip or AutoClip there.
-The per-tensor factors cannot ride on a fused optimizer step: ``clip_and_step``
-scales the gradients first.
-""",
-)
+
+    spec = ZCLIP
+
+
+class AutoClip(AdaptiveRule):
+    """Unlike the paper's code, no norm is read on the host (it reads one per
+    parameter per step) and the percentile is taken on the device."""
+
+    spec = AUTOCLIP
+
+
+class AdaGC(AdaptiveRule):
+    """With ``process_group`` or DTensor gradients, each tensor's norm is reduced
+    across ranks, so every rank must hold a part of every tensor (FSDP2, TP, FSDP1
+    or ZeRO shards; checked at every step, the same error on every rank). Pipeline
+    stages, which hold different tensors, are refused: use ZClip or AutoClip there.
+    The per-tensor factors cannot ride on a fused optimizer step: ``clip_and_step``
+    scales the gradients first."""
+
+    spec = ADAGC
 
 
 def _rule(max_norm: Any, norm_type: Any) -> Any:
