@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from ._torch_clip import (
     Decision,
     FixedThreshold,
     clip_then_step,
+    decide_for,
     loss_scale,
     optimizer_params,
     real_optimizer,
@@ -22,9 +24,7 @@ from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     Labels,
     LastClipped,
-    collect_grads,
     empty_norm,
-    grad_names,
     kernels,
     nonfinite_labels,
     norm_type_arg,
@@ -32,7 +32,6 @@ from ._torch_grads import (
     threshold,
     unzip_named,
     warn_at_caller,
-    warn_if_no_gradients,
     warn_if_unsynchronised,
 )
 from ._torch_rules import AdaptiveRule
@@ -101,27 +100,20 @@ class GradientClipCallback:
         foreach: bool | None = None,
         process_group: Any = None,
     ):
-        p = norm_type_arg(norm_type)
-        self.rule: Any = (
-            max_norm
-            if isinstance(max_norm, AdaptiveRule)
-            else FixedThreshold(threshold("max_norm", max_norm), p)
-        )
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
-        self.max_norm = max_norm
-        self.norm_type = p
-        self.error_if_nonfinite = error_if_nonfinite
-        self.warn_nonfinite = warn_nonfinite
-        self.check_every = check_every
-        self.foreach = foreach
-        self.process_group = process_group
-        self._params: list[torch.nn.Parameter] | None = None  # None until set_model
-        self._model: torch.nn.Module | None = None
-        self._last = LastClipped()
+        self.max_norm, self.norm_type = max_norm, norm_type_arg(norm_type)
+        self.rule: Any = max_norm
+        if not isinstance(max_norm, AdaptiveRule):
+            self.rule = FixedThreshold(threshold("max_norm", max_norm), self.norm_type)
+        self.error_if_nonfinite, self.warn_nonfinite = error_if_nonfinite, warn_nonfinite
+        self.check_every, self.foreach, self.process_group = check_every, foreach, process_group
+        self._model: torch.nn.Module | None = None  # until set_model
+        self._params: list[torch.nn.Parameter] = []
         self._names: list[str] = []
+        self._last = LastClipped()
         self.steps = 0
-        self._clipped: Any = 0
+        self._clipped: Any = 0  # tensors on the device once stepping
         self._nonfinite: Any = False
         self.last_norm: torch.Tensor | None = None
         self.last_clipped: torch.Tensor | None = None  # whether the last step clipped
@@ -130,8 +122,8 @@ class GradientClipCallback:
         """Clip this model's parameters (named as in ``model.named_parameters()``)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._params, self._names = unzip_named(model.named_parameters())
         self._model = model
+        self._params, self._names = unzip_named(model.named_parameters())
 
     @torch.no_grad()
     def on_after_backward(self, optimizer: Any = None, *, scaler: Any = None) -> torch.Tensor:
@@ -150,25 +142,20 @@ class GradientClipCallback:
         a step that raises leaves ``steps`` and the gradients as they were.
         """
         inner = None if optimizer is None else real_optimizer(optimizer)
-        params, names = self._named(inner)
+        params = self._model_params() if inner is None else optimizer_params(inner)
         k = kernels(self.foreach)
-        grads, labels = collect_grads(k, params, names)
-        if not grads and self.process_group is None:
-            warn_if_no_gradients(params)
-            self.steps += 1
-            return self._record(empty_norm(), torch.tensor(False))
-        self._check_placement(grads.leaves)
-        if scaler is None and optimizer is not None:
-            scaler = wrapper_scaler(optimizer)
-        decision = self.rule.decide(
+        divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
+        decision = decide_for(
             k,
-            grads,
-            grad_names(params, names),
+            params,
+            self._named_like(params),
+            self.rule,
             self.process_group,
-            check=self._observer(k, grads, labels),
-            divisor=loss_scale(scaler, inner),
+            check_for=partial(self._observer, k),
+            divisor=divisor,
         )
-        decision.apply(k)
+        if decision is not None:
+            decision.apply(k)
         return self._recorded(k, decision)
 
     @torch.no_grad()
@@ -177,49 +164,33 @@ class GradientClipCallback:
         call (see ``agclip.backends.torch.clip_and_step``), with this callback's
         threshold, statistics and warnings. Parameters of the model set with
         ``set_model`` are named in messages."""
-        k = kernels(self.foreach)
-        _, decision = clip_then_step(
+        k, decision = clip_then_step(
             optimizer,
             self.rule,
             scaler=scaler,
             foreach=self.foreach,
             process_group=self.process_group,
-            check_for=lambda grads, labels: self._observer(k, grads, labels, placement=True),
+            check_for=partial(self._observer, kernels(self.foreach)),
             names_for=self._named_like,
         )
-        if decision is None:
-            self.steps += 1
-            return self._record(empty_norm(), torch.tensor(False))
         return self._recorded(k, decision)
 
-    def _named(self, optimizer: Any) -> tuple[list[Any], list[str]]:
-        """The model's parameters with their names, or those of ``optimizer``."""
-        params = self._model_params()
-        if optimizer is None:
-            return params, self._names
-        mine = optimizer_params(optimizer)
-        return mine, self._named_like(mine)
-
-    def _named_like(self, params: list[Any]) -> list[str]:
-        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
-        return [names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
-
     def _model_params(self) -> list[Any]:
-        if self._params is None:
+        if self._model is None:
             raise RuntimeError("call set_model(model) before clipping")
         return self._params
 
-    def _check_placement(self, grads: list[torch.Tensor]) -> None:
-        warn_if_unsynchronised(self._model)
-        self._last.warn_if_same(grads)
+    def _named_like(self, params: list[Any]) -> list[str]:
+        """The model's names of ``params`` (an optimizer may hold others)."""
+        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
+        return [names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
 
-    def _observer(
-        self, k: Kernels, grads: Batch, labels: Labels, *, placement: bool = False
-    ) -> Callable[[Any], None]:
+    def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
         """The check between the norm and the first write: refuse (``error_if_nonfinite``),
-        then count the step and warn about non-finite gradients."""
-        if placement:
-            self._check_placement(grads.leaves)
+        then count the step and warn about non-finite gradients. Made once the
+        gradients are collected, when a clip in the wrong place can be told."""
+        warn_if_unsynchronised(self._model)
+        self._last.warn_if_same(grads.leaves)
         # Messages read the local shards: every rank can do that on its own.
         local, _ = distributed_batch(k, grads, self.process_group)
         refuse = raise_if_nonfinite(k, local, labels) if self.error_if_nonfinite else None
@@ -234,11 +205,14 @@ class GradientClipCallback:
 
         return observe
 
-    def _recorded(self, k: Kernels, decision: Decision) -> torch.Tensor:
-        self._last.remember(decision.batch.leaves)
-        return self._record(decision.returned_norm(k), decision.clipped())
-
-    def _record(self, norm: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
+    def _recorded(self, k: Kernels, decision: Decision | None) -> torch.Tensor:
+        """Record the step's norm and whether it clipped (no gradients: a step of 0)."""
+        norm, clipped = empty_norm(), torch.tensor(False)
+        if decision is None:
+            self.steps += 1
+        else:
+            self._last.remember(decision.batch.leaves)
+            norm, clipped = decision.returned_norm(k), decision.clipped()
         self.last_norm, self.last_clipped = norm, clipped
         self._clipped = self._clipped + clipped
         return norm

@@ -188,6 +188,31 @@ def _step(optimizer: Any, scaler: Any) -> None:
         optimizer.step()
 
 
+def decide_for(
+    k: Kernels,
+    params: list[Any],
+    names: list[str] | None,
+    rule: Any,
+    process_group: Any,
+    *,
+    check_for: Callable[[Batch, Any], Any] = lambda grads, labels: None,
+    divisor: torch.Tensor | None = None,
+) -> Decision | None:
+    """The clip of the gradients of ``params`` by ``rule``, decided (nothing written):
+    ``None``, with a warning, where none has a gradient (a rank of a pipeline given
+    ``process_group`` still joins the norm's collective). ``check_for(grads, labels)``
+    gives the check that runs between the norm and the first write."""
+    grads, labels = collect_grads(k, params, names)
+    if not grads and process_group is None:
+        warn_if_no_gradients(params)
+        return None
+    check = check_for(grads, labels)
+    decision: Decision = rule.decide(
+        k, grads, grad_names(params, names), process_group, check=check, divisor=divisor
+    )
+    return decision
+
+
 def clip_then_step(
     optimizer: Any,
     rule: Any,
@@ -195,32 +220,22 @@ def clip_then_step(
     scaler: Any,
     foreach: bool | None,
     process_group: Any,
-    check_for: Callable[[Batch, Any], Callable[[torch.Tensor], None] | None],
+    check_for: Callable[[Batch, Any], Any],
     names_for: Callable[[list[Any]], list[str] | None] = lambda params: None,
 ) -> tuple[Kernels, Decision | None]:
     """Clip the gradients of every parameter of ``optimizer`` (all groups, any order)
-    by ``rule`` and take the step, in one call. ``check_for(grads, labels)`` gives the
-    check that runs between the norm and the first write."""
-    inner = real_optimizer(optimizer)
+    by ``rule`` and take the step, in one call."""
+    inner, k = real_optimizer(optimizer), kernels(foreach)
     params = optimizer_params(inner)
-    names = names_for(params)
-    k = kernels(foreach)
-    grads, labels = collect_grads(k, params, names)
-    if not grads and process_group is None:
-        warn_if_no_gradients(params)
-        _step(optimizer, scaler)
-        return k, None
     divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
-    if getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True) is False:
-        # accelerate, mid-accumulation: its step does nothing yet, so nothing is clipped
-        # (nor counted by a rule); the norm of the gradients so far, for logs
-        unclipped = FixedThreshold(math.inf, rule.norm_type)
-        decision = unclipped.decide(k, grads, [], process_group, divisor=divisor)
-        _step(optimizer, scaler)
-        return k, decision
-    check = check_for(grads, labels)
-    decision = rule.decide(
-        k, grads, grad_names(params, names), process_group, check=check, divisor=divisor
+    syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
+    if not syncing:  # accelerate, mid-accumulation: its step does nothing yet, so nothing
+        rule = FixedThreshold(math.inf, rule.norm_type)  # is clipped (nor seen by a rule)
+    decision = decide_for(
+        k, params, names_for(params), rule, process_group, check_for=check_for, divisor=divisor
     )
-    step_after(k, decision, optimizer, inner, scaler)
+    if decision is None or not syncing:
+        _step(optimizer, scaler)
+    else:
+        step_after(k, decision, optimizer, inner, scaler)
     return k, decision

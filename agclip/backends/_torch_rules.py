@@ -18,16 +18,13 @@ from .._checks import check_count, choice
 from .._kernels import Batch, Kernels
 from .._pipeline import LOCAL, norm_of_norms, total_norm
 from .._rule import RuleSpec, gathered, leaf_keys, rule_factor, scattered
-from ._torch_clip import Decision
+from ._torch_clip import Decision, decide_for
 from ._torch_distributed import distributed_batch
 from ._torch_grads import (
-    collect_grads,
     empty_norm,
-    grad_names,
     kernels,
     named_parameters,
     norm_type_arg,
-    warn_if_no_gradients,
 )
 
 FIRST_CAPACITY = 256  # an unbounded history starts here and doubles
@@ -116,11 +113,9 @@ class AdaptiveRule:
         let ``clip_and_step(optimizer, rule)`` do both."""
         params, names = named_parameters(model)
         k = kernels(self.foreach)
-        grads, _ = collect_grads(k, params, names)
-        if not grads and self.process_group is None:
-            warn_if_no_gradients(params)
+        decision = decide_for(k, params, names, self, self.process_group)
+        if decision is None:
             return empty_norm()
-        decision = self.decide(k, grads, grad_names(params, names), self.process_group)
         decision.apply(k)
         return decision.returned_norm(k)
 

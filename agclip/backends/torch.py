@@ -43,7 +43,7 @@ from .._pipeline import apply_factor, clip_coefficient, total_norm
 from .._typing import Scalar
 from .._zclip import ZCLIP
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
-from ._torch_clip import FixedThreshold, clip_then_step
+from ._torch_clip import FixedThreshold, clip_then_step, decide_for
 from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     EPS,
@@ -175,13 +175,18 @@ def clip_grad_norm_(
     """
     rule = FixedThreshold(threshold("max_norm", max_norm), norm_type_arg(norm_type))
     k = kernels(foreach)
-    params = parameters_list(parameters)
-    grads, labels = collect_grads(k, params)
-    if not grads and process_group is None:
-        warn_if_no_gradients(params)
+    decision = decide_for(
+        k,
+        parameters_list(parameters),
+        None,
+        rule,
+        process_group,
+        check_for=lambda grads, labels: (
+            raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
+        ),
+    )
+    if decision is None:
         return empty_norm()
-    check = raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
-    decision = rule.decide(k, grads, [], process_group, check=check)
     decision.apply(k)
     return decision.returned_norm(k)
 
