@@ -216,9 +216,10 @@ class Kernels:
         return None
 
     def select(self, keep: Any, value: Callable[[], Any], fallback: Callable[[], Any]) -> Any:
-        """``value()`` where the 0-d bool ``keep`` holds, else ``fallback()``: one branch
-        when ``keep`` can be read for free, else both computed (``where``)."""
-        known = self.peek(keep)
+        """``value()`` where ``keep`` (a bool, or a 0-d bool array) holds, else
+        ``fallback()``: one branch when ``keep`` can be read for free, else both
+        computed (``where``)."""
+        known = keep if isinstance(keep, bool) else self.peek(keep)
         if known is not None:
             return value() if known else fallback()
         return self.xp.where(keep, value(), fallback())

@@ -44,11 +44,11 @@ class Reduction:
         guard's fallback reduces again, so every participant must decide alike."""
         return needed_here
 
-    def sum_and_count(self, total: Any, count: int) -> tuple[Any, Any]:
+    def sum_and_count(self, total: Any, batch: Batch) -> tuple[Any, Any]:
         """Combine partial sums and the element counts behind them (ranks that hold
         different amounts of data reduce both at once: every rank then takes the same
-        branch of the range guard)."""
-        return self.sum(total), count
+        branch of the range guard); the count is ``None`` where it is this batch's."""
+        return self.sum(total), None
 
 
 LOCAL = Reduction()
@@ -57,6 +57,8 @@ LOCAL = Reduction()
 def root(k: Kernels, total: Any, p: float) -> Any:
     """total ** (1/p), with a finite derivative at 0 (for jax.grad through the clip)."""
     xp = k.xp
+    if not k.differentiable(total):
+        return total ** (1.0 / p)
     zero = total == 0  # not `> 0`: NaN and inf must flow through
     safe = xp.where(zero, xp.ones_like(total), total)
     return xp.where(zero, xp.zeros_like(total), safe ** (1.0 / p))
@@ -71,6 +73,9 @@ def underflow_floor(size: Any) -> Any:
     ~1e-8 of the exact one.
     """
     return size * 2.0**-122  # an empty sum (size 0) is exact: 0 >= 0
+
+
+UNDERFLOW_BOUND = underflow_floor(2**64)  # above any count's floor
 
 
 def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) -> Any:
@@ -88,10 +93,12 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
     acc = k.accumulator(batch)
     if math.isinf(p):
         return reduce.max(k.max_abs(batch, acc))
-    count = batch.size  # before the pass over the data
-    total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), count)
+    total, count = reduce.sum_and_count(k.sum_of_powers(batch, p, acc), batch)
     if not reduce.needs_guard(k.needs_guard(batch, p, acc)):
         return root(k, total, p)
+
+    def floor() -> Any:
+        return underflow_floor(batch.size if count is None else count)
 
     def rescaled() -> Any:
         # Non-finite inputs keep the plain result (inf or NaN), as torch does;
@@ -105,7 +112,11 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
             otherwise=lambda: root(k, total, p),
         )
 
-    in_range = xp.isfinite(total) & (total >= underflow_floor(count))
+    known = k.peek(total)
+    if known is not None:  # free to read: no array calls (no size count either, mostly)
+        in_range = math.isfinite(known) and (known >= UNDERFLOW_BOUND or known >= floor())
+    else:
+        in_range = xp.isfinite(total) & (total >= floor())
     return k.select(in_range, lambda: root(k, total, p), rescaled)
 
 

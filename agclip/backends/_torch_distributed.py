@@ -52,8 +52,9 @@ class GroupReduction(Reduction):
         # agree when they hold the same gradient dtypes (see the docs).
         return needed_here or dist.get_backend(self.group) != "nccl"
 
-    def sum_and_count(self, total: Any, count: int) -> tuple[Any, Any]:
-        both = torch.stack([total.to(torch.float64), torch.tensor(float(count)).to(total.device)])
+    def sum_and_count(self, total: Any, batch: Batch) -> tuple[Any, Any]:
+        count = torch.tensor(float(batch.size)).to(total.device)
+        both = torch.stack([total.to(torch.float64), count])
         both = self._all_reduce(both, dist.ReduceOp.SUM)
         return both[0].to(total.dtype), both[1]
 

@@ -47,7 +47,10 @@ def threshold(name: str, value: Any) -> Any:
 def as_list(tensors: TensorOrTensors) -> list[Any]:
     """The tensors as a list, each once: a tensor listed twice (tied weights) would
     count twice in the norm and be scaled twice, as in torch."""
-    return [tensors] if isinstance(tensors, torch.Tensor) else list(dict.fromkeys(tensors))
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    given = list(tensors)
+    return given if len({id(t) for t in given}) == len(given) else list(dict.fromkeys(given))
 
 
 def parameters_list(parameters: TensorOrTensors) -> list[Any]:

@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .._kernels import BLOCK, Batch, Kernels
+from .._kernels import BLOCK, L2, Batch, Kernels
 
 # Tensors up to this many elements are reduced by one _foreach_norm call: their
 # float32 sums are short enough to stay accurate.
@@ -101,17 +101,15 @@ class TorchKernels(Kernels):
             if size <= SMALL:
                 small.append(tensor)
                 continue
-            flat = tensor.reshape(-1)  # a view when contiguous
-            body = size - size % BLOCK
-            rows.append(
-                torch.linalg.vector_norm(flat[:body].view(-1, BLOCK), p, dim=1, dtype=rows_dtype)
-            )
-            if body < size:
-                small.append(flat[body:])
+            body = tensor.reshape(-1)  # a view when contiguous
+            if size % BLOCK:
+                body, tail = body[: size - size % BLOCK], body[size - size % BLOCK :]
+                small.append(tail)
+            rows.append(torch.linalg.vector_norm(body.view(-1, BLOCK), p, dim=1, dtype=rows_dtype))
         if small:
             rows.append(torch.stack(torch._foreach_norm(small, p, dtype=rows_dtype)))
-        norms = rows[0] if len(rows) == 1 else torch.cat(rows)
-        return norms.to(acc).pow(p).sum()
+        norms = (rows[0] if len(rows) == 1 else torch.cat(rows)).to(acc)
+        return norms.dot(norms) if p == L2 else norms.pow(p).sum()
 
     def _device_sum(self, group: list[torch.Tensor], p: float, acc: Any) -> torch.Tensor:
         if p in (1.0, 2.0):
@@ -159,8 +157,8 @@ class TorchKernels(Kernels):
         return super().select(keep, value, fallback)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
-        for group in batch.groups:
-            local = factor.to(device=group[0].device, dtype=_work_dtype(group[0].dtype))
+        for group in batch.groups:  # a 0-d factor of any float dtype (the op's math type)
+            local = factor if factor.device == group[0].device else factor.to(group[0].device)
             if self.foreach is False:
                 for tensor in group:
                     tensor.mul_(local)
