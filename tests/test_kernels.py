@@ -15,7 +15,7 @@ from agclip._kernels import BLOCK, Kernels
 from agclip._pipeline import apply_factor
 
 # Sizes straddle the block sizes (rows, tails, the small/large split, whole rows).
-SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 3 * BLOCK + 5, 5 * BLOCK, 5 * BLOCK + 1, (1 << 16) + 3]
+SIZES = [0, 1, 7, BLOCK - 1, BLOCK, 5 * BLOCK + 1, 16 * BLOCK, 16 * BLOCK + 1, 20 * BLOCK + 3]
 
 
 def _leaves(make: Any, dtype: str) -> Any:
@@ -66,15 +66,17 @@ def test_sum_of_powers_override_matches_generic(lib: str, p: float, dtype: str) 
     leaves = _leaves(make, dtype)
     ours, theirs = fast.prepare(leaves), generic.prepare(leaves)
     acc = fast.accumulator(ours)
+    # Tensors up to 65,536 values are summed in one float32 pass (torch's CPU norm):
+    # within ~1e-6 of float64's, a little more for p = 3.
     want = _f64(generic.sum_of_powers(theirs, p, acc))
-    assert math.isclose(_f64(fast.sum_of_powers(ours, p, acc)), want, rel_tol=1e-6)
+    assert math.isclose(_f64(fast.sum_of_powers(ours, p, acc)), want, rel_tol=2e-6)
     scale = xp.asarray(0.25, dtype=acc)
     want_scaled = _f64(generic.sum_of_powers(theirs, p, acc, scale=scale))
     got_scaled = _f64(fast.sum_of_powers(ours, p, acc, scale=scale))
-    assert math.isclose(got_scaled, want_scaled, rel_tol=1e-6)
+    assert math.isclose(got_scaled, want_scaled, rel_tol=2e-6)
 
 
-@pytest.mark.parametrize("shape", [(5, BLOCK), (BLOCK + 3, 7)])
+@pytest.mark.parametrize("shape", [(5, 20 * BLOCK), (20 * BLOCK + 3, 7)])
 def test_torch_sum_of_powers_of_non_contiguous_tensors(shape: tuple[int, int]) -> None:
     """Transposed and strided gradients reach the CPU row kernel (as a copy of their rows)."""
     torch = pytest.importorskip("torch")

@@ -64,7 +64,7 @@ class FixedThreshold:
         self,
         k: Kernels,
         grads: Batch,
-        keys: list[str],
+        names: Callable[[], list[str]],
         process_group: Any,
         *,
         check: Callable[[torch.Tensor], None] | None = None,
@@ -208,7 +208,7 @@ def decide_for(
         return None
     check = check_for(grads, labels)
     decision: Decision = rule.decide(
-        k, grads, grad_names(params, names), process_group, check=check, divisor=divisor
+        k, grads, lambda: grad_names(params, names), process_group, check=check, divisor=divisor
     )
     return decision
 

@@ -123,7 +123,7 @@ class AdaptiveRule:
         self,
         k: Kernels,
         grads: Batch,
-        names: list[str],
+        names: Callable[[], list[str]],
         process_group: Any,
         *,
         check: Callable[[torch.Tensor], None] | None = None,
@@ -143,7 +143,7 @@ class AdaptiveRule:
             norms, total = None, _unscaled(total_norm(k, batch, p, reduce), divisor)
         if check is not None:
             check(total)
-        keys = leaf_keys(names, grads.leaves) if spec.per_tensor else []
+        keys = leaf_keys(names(), grads.leaves) if spec.per_tensor else []
         state = self._state(k, batch, keys)
         factor, new = rule_factor(
             k, spec, norms, total, gathered(spec, state, keys, k.stack), self.config, self.static
