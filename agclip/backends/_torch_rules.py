@@ -28,8 +28,10 @@ from ._torch_grads import (
 )
 
 FIRST_CAPACITY = 256  # an unbounded history starts here and doubles
-_OPTIONS = """    norm_type, foreach, process_group: as in ``clip_grad_norm_`` (with a process
-        group or DTensor gradients, the norm is global).
+_OPTIONS = """    norm_type: as in ``clip_grad_norm_``.
+    foreach: as in ``clip_grad_norm_``.
+    process_group: as in ``clip_grad_norm_`` (with a process group or DTensor
+        gradients, the norm is global).
 """
 _NEW_TENSORS = """    new_tensors: ``"error"`` (default): gradients of a tensor the state has not
         seen are a ``ValueError`` naming it; ``"init"``: such a tensor starts a fresh
@@ -51,7 +53,19 @@ class AdaptiveRule:
         own += [("new_tensors", "error")] if spec.per_tensor else []
         own += [("norm_type", 2.0), ("foreach", None), ("process_group", None)]
         extra = [inspect.Parameter(name, keyword, default=value) for name, value in own]
-        cls.__signature__ = spec.signature([], extra)  # type: ignore[attr-defined]
+        cls.__signature__ = signature = spec.signature([], extra)  # type: ignore[attr-defined]
+
+        def __init__(self: AdaptiveRule, *args: Any, **kwargs: Any) -> None:
+            AdaptiveRule.__init__(self, *args, **kwargs)
+
+        # The class's own __init__ carries the signature, for tools that read it there.
+        this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        __init__.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[this, *signature.parameters.values()]
+        )
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        __init__.__module__ = "agclip.backends.torch"
+        cls.__init__ = __init__  # type: ignore[method-assign]
         window = ""
         if spec.window:
             window = f"    {spec.window[0]}: the last norms kept; ``None``: every norm.\n"

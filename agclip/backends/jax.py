@@ -311,7 +311,11 @@ def optax_rule(spec: RuleSpec) -> Any:
     factory.__doc__ = spec.docstring(
         f"{spec.title} as an optax transform: {spec.doc.splitlines()[0].split(': ', 1)[-1]}",
         "",
-        sizes + "    ord, axis_name, specs: as in ``clip_by_global_norm`` (static).\n",
+        sizes
+        + "".join(
+            f"    {name}: as in ``clip_by_global_norm`` (static).\n"
+            for name in ("ord", "axis_name", "specs")
+        ),
         "Returns:\n    An ``optax.GradientTransformation`` whose state is the rule's (log\n"
         "    ``norm``, ``threshold``, the counters). A non-finite norm passes the updates\n"
         "    unchanged: compose with ``apply_if_finite`` to skip such steps.\n",
