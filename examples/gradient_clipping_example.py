@@ -1,8 +1,10 @@
-"""PyTorch: the two ways to clip with agclip, in a real training loop.
+"""PyTorch: the three ways to clip with agclip, in a real training loop.
 
 1. ``clip_grad_norm_``: a drop-in for ``torch.nn.utils.clip_grad_norm_``.
 2. ``GradientClipCallback``: ``set_model`` once, ``on_after_backward`` each step;
    it keeps statistics and names parameters whose gradients go non-finite.
+3. ``clip_and_step``: clip and take the optimizer's step in one call; a fused
+   optimizer takes the clip inside its step (no pass to scale the gradients).
 
     python examples/gradient_clipping_example.py
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from agclip.backends.torch import GradientClipCallback, clip_grad_norm_
+from agclip.backends.torch import GradientClipCallback, clip_and_step, clip_grad_norm_
 
 
 def make_problem(seed: int = 0):
@@ -48,6 +50,19 @@ def train_with_callback(steps: int = 200) -> tuple[float, dict]:
     return loss.item(), clipper.stats()
 
 
+def train_with_clip_and_step(steps: int = 200) -> float:
+    model, x, y = make_problem()
+    # The same optimizer as above, so the losses match; with fused=True the clip
+    # would ride inside the step (equal up to rounding, which this problem amplifies).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        clip_and_step(optimizer, max_norm=1.0)  # clip_grad_norm_, then optimizer.step()
+    return loss.item()
+
+
 def main() -> None:
     model, x, y = make_problem()
     with torch.no_grad():
@@ -55,6 +70,7 @@ def main() -> None:
     print(f"clip_grad_norm_:      final loss {train_with_function():.4g}")
     loss, stats = train_with_callback()
     print(f"GradientClipCallback: final loss {loss:.4g}, stats {stats}")
+    print(f"clip_and_step:        final loss {train_with_clip_and_step():.4g}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ from agclip.integrations.transformers import GradientClippingCallback
 def main() -> None:
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0
+        vocab_size=128,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     model = transformers.GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # a model built from a config names no loss: this one

@@ -64,3 +64,57 @@ def test_docstrings_read_cleanly_in_help() -> None:
     assert len(docs) > 40
     marked = [name for name, doc in docs if re.search(r"\]\[[A-Za-z_][\w.]*\]", doc)]
     assert not marked
+
+
+def test_make_help_lists_every_target() -> None:
+    """``make help`` (and a bare ``make``) names every target the Makefile declares."""
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    phony = re.search(r"^\.PHONY:(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert phony is not None
+    targets = phony.group(1).split()
+    for args in (["help"], []):
+        run = subprocess.run(
+            ["make", "-s", *args], check=False, cwd=ROOT, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        listed = [line.split()[0] for line in run.stdout.splitlines() if line.strip()]
+        assert sorted(listed) == sorted(targets), (args, listed)
+
+
+def test_readme_names_every_example() -> None:
+    readme = (ROOT / "README.md").read_text()
+    examples = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    assert len(examples) >= 6
+    assert [name for name in examples if name not in readme] == []
+
+
+def _blocks_naming_agclip() -> list[tuple[str, str]]:
+    found = []
+    for page in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+        found += [(f"{page.name}#{i}", b) for i, b in enumerate(blocks) if "agclip." in b]
+    return found
+
+
+@pytest.mark.parametrize(("where", "block"), _blocks_naming_agclip(), ids=lambda x: x[:12])
+def test_agclip_names_in_code_and_comments_resolve_with_the_blocks_imports(
+    where: str, block: str
+) -> None:
+    """A line a reader pastes, comments included, works after the block's own imports
+    (in a fresh interpreter: no other block's imports help)."""
+    import subprocess
+    import sys
+
+    lines = block.splitlines()
+    imports = [line for line in lines if re.match(r"(import|from) \w", line)]
+    rest = "\n".join(line for line in lines if line not in imports)
+    names = sorted(set(re.findall(r"\bagclip(?:\.\w+)+", rest)))
+    check = "\n".join([*imports, *(f"assert {name} is not None" for name in names)])
+    run = subprocess.run([sys.executable, "-c", check], check=False, capture_output=True, text=True)
+    if "ModuleNotFoundError" in run.stderr and "agclip" not in run.stderr.splitlines()[-1]:
+        pytest.skip(run.stderr.splitlines()[-1])
+    assert run.returncode == 0, f"{where}: {run.stderr.splitlines()[-1]}\n{check}"

@@ -7,6 +7,7 @@ import importlib
 import importlib.util
 import runpy
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,8 +31,12 @@ def test_example_runs(
     if needed and importlib.util.find_spec(needed) is None:
         pytest.skip(f"{needed} is not installed")
     monkeypatch.setattr(sys, "argv", [name])
-    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     assert capsys.readouterr().out.strip()
+    # What a user copies should run quietly: any warning here is ours to avoid.
+    assert not caught, [f"{w.category.__name__}: {w.message}" for w in caught]
 
 
 MODULES = {
