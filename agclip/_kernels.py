@@ -27,7 +27,7 @@ The contract, in one place:
 ``placement``          keyword arguments creating an array on another's device
 ``run``                run the array work of one call (JAX: compiled, cached)
 ``scale`` / ``scale_``  multiply every leaf by a 0-d factor (new arrays / in place)
-``clip_values`` / ``clip_values_``  clip every element into [-v, v]
+``clip_values`` / ``clip_values_``  clip every element into [-v, v] (in place: NumPy, PyTorch)
 =====================  ===============================================================
 """
 
@@ -275,11 +275,6 @@ class Kernels:
         xp = self.xp
         bounds = [self.value_bound(leaf.dtype, clip_value) for leaf in batch.leaves]
         return [xp.clip(leaf, -b, b) for leaf, b in zip(batch.leaves, bounds, strict=True)]
-
-    def clip_values_(self, batch: Batch, clip_value: Any) -> None:
-        """Clip in place. Every bound is computed before the first write."""
-        for leaf, clipped in zip(batch.leaves, self.clip_values(batch, clip_value), strict=True):
-            leaf[...] = clipped
 
 
 def weighted_leaves(batch: Batch) -> list[tuple[float, Any]]:

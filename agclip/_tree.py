@@ -95,13 +95,8 @@ def _register_jax_node(kind: type) -> None:
 
 
 class _JaxKeyEntry(optree.PyTreeEntry):
-    """A path entry holding a JAX key (``.name``, ``['key']``, ``[0]``)."""
-
-    def __call__(self, obj: Any, /) -> Any:
-        import jax
-
-        keyed, _ = jax.tree_util.tree_flatten_with_path(obj, is_leaf=lambda x: x is not obj)
-        return next(child for path, child in keyed if path[0] == self.entry)
+    """A path entry holding a JAX key (``.name``, ``['key']``, ``[0]``): agclip reads
+    paths only to name leaves, so it spells them and does not index with them."""
 
     def codify(self, /, node: str = "") -> str:
         import jax

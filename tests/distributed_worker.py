@@ -234,8 +234,9 @@ def ddp_no_sync() -> dict[str, Any]:
     return caught
 
 
-def pipeline(empty_rank: bool = False) -> dict[str, Any]:
-    """Disjoint plain parameters per rank (pipeline stages); ``process_group`` given."""
+def pipeline(empty_rank: bool = False, group: str = "world") -> dict[str, Any]:
+    """Disjoint plain parameters per rank (pipeline stages); ``process_group`` given:
+    the world group, or a 2-D ``DeviceMesh`` over the whole world (``group="mesh"``)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     params = list(mlp().parameters())
     grads = full_grads()
@@ -245,7 +246,10 @@ def pipeline(empty_rank: bool = False) -> dict[str, Any]:
     )
     mine = [p for p, o in zip(params, owner, strict=True) if o == rank]
     my_grads = [g for g, o in zip(grads, owner, strict=True) if o == rank]
-    result = run_clip(mine, my_grads, everyone=grads, process_group=dist.group.WORLD)
+    process_group: Any = dist.group.WORLD
+    if group == "mesh":
+        process_group = init_device_mesh(DEVICE, (2, world // 2), mesh_dim_names=("a", "b"))
+    result = run_clip(mine, my_grads, everyone=grads, process_group=process_group)
     return {**result, "owned": len(mine)}
 
 
@@ -480,6 +484,7 @@ CASES: dict[str, Callable[[], dict[str, Any]]] = {
     "ddp_bucket_view": ddp_bucket_view,
     "pipeline_process_group": pipeline,
     "rank_without_gradients": lambda: pipeline(empty_rank=True),
+    "pipeline_2d_mesh": lambda: pipeline(group="mesh"),
     "fsdp1_use_orig_params": fsdp1,
     "nan_on_one_rank": nan_on_one_rank,
     "callback_with_dtensors": callback_with_dtensors,

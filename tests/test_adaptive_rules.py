@@ -229,6 +229,39 @@ def test_every_rule_matches_its_float64_reference_on_every_backend(
     assert int(backend.to_numpy(state.spikes)) >= 1
 
 
+def test_adagc_with_the_inf_norm_matches_its_reference() -> None:
+    """Each tensor's norm is its largest value, the total the largest of those."""
+    reference = AdaGCReference(lambda_abs=5.0, warmup_steps=3)
+    steps = sequence(12)
+    state = agclip.adagc_init(steps[0])
+    for index, grads in enumerate(steps):
+        norms = [float(np.max(np.abs(g))) for g in grads]
+        factors = reference.factors(norms)
+        clipped, state = agclip.adagc(grads, state, lambda_abs=5.0, warmup_steps=3, ord=math.inf)
+        if all(math.isfinite(n) for n in norms):
+            assert float(state.norm) == pytest.approx(max(norms), rel=1e-7), index
+        for got, grad, factor in zip(clipped, grads, factors, strict=True):
+            np.testing.assert_allclose(got, grad * factor, rtol=3e-6, err_msg=f"step {index}")
+
+
+def test_rule_arguments_out_of_place_are_type_errors_naming_them() -> None:
+    grads = [np.ones(3)]
+    with pytest.raises(TypeError, match="unexpected or repeated argument 'foo'"):
+        agclip.zclip(grads, agclip.zclip_init(grads), foo=1)
+    with pytest.raises(TypeError, match="state must be a ZClipState, got tuple"):
+        agclip.zclip(grads, (1, 2))
+    with pytest.raises(TypeError, match="zclip_init got an unexpected argument 'history'"):
+        agclip.zclip_init(grads, history=3)
+    torch = pytest.importorskip("torch")
+    del torch
+    from agclip.backends.torch import ZClip
+
+    with pytest.raises(TypeError, match="unexpected or repeated argument 'alpha'"):
+        ZClip(0.9, alpha=0.9)
+    with pytest.raises(TypeError, match="takes at most 9 positional values"):
+        ZClip(*range(10))
+
+
 @pytest.mark.parametrize("rule", list(RULES))
 def test_an_empty_tree_passes_with_its_state(rule: str) -> None:
     init, step, options, _ = RULES[rule]

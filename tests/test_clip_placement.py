@@ -20,6 +20,7 @@ from agclip.backends.torch import (
     ClipPlacementWarning,
     GradientClipCallback,
     ZClip,
+    adaptive_clip_grad_,
     clip_and_step,
     clip_grad_norm_,
     get_total_norm,
@@ -46,6 +47,7 @@ CLIPS: dict[str, Callable[[torch.nn.Module, Any], Any]] = {
     "get_total_norm": lambda model, opt: get_total_norm(_grads(model)),
     "clip_and_step": lambda model, opt: clip_and_step(opt, 1.0),
     "ZClip.step": lambda model, opt: ZClip().step(model),
+    "adaptive_clip_grad_": lambda model, opt: adaptive_clip_grad_(model.parameters(), 0.01),
 }
 
 

@@ -123,6 +123,17 @@ def test_empty_tree_and_none_leaves_give_zero_norm() -> None:
         assert float(agclip.global_norm(tree)) == 0.0
         assert bool(agclip.all_finite(tree))
         assert agclip.nonfinite_paths(tree) == []
+        assert agclip.clip_by_norm(tree, 1.0) == tree
+        assert agclip.clip_by_value(tree, 1.0) == tree
+        assert agclip.zero_nonfinite(tree) == tree
+        assert agclip.adaptive_grad_clip(tree, tree, 0.01, layout="torch") == tree
+
+
+@pytest.mark.parametrize("ord", [math.inf, 3])
+def test_size_zero_leaves_give_a_zero_norm(backend: Backend, ord: float) -> None:
+    grads = [backend.asarray(np.zeros(0)), backend.asarray(np.zeros((2, 0)))]
+    norm = backend.call(agclip.global_norm, grads, ord=ord)
+    assert backend.to_numpy(norm) == 0.0
 
 
 def test_tree_structure_is_kept(backend: Backend) -> None:

@@ -30,6 +30,7 @@ TWO_AND_FOUR = [
     "tp_with_plain_params",
     "tp_all_dtensor",
     "pipeline_process_group",
+    "pipeline_2d_mesh",
     "rank_without_gradients",
     "fsdp1_use_orig_params",
     "callback_with_dtensors",

@@ -53,6 +53,33 @@ def test_0d_host_thresholds_clip_like_numbers(library: Backend) -> None:
         )
 
 
+class _ShapedButNotAnArray:
+    shape = ()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (None, "must be a real number"),
+        (True, "must be a real number"),
+        ("1.0", "must be a real number"),
+        (np.ones(2, np.float32), "must be a real number or a 0-d array"),
+        (_ShapedButNotAnArray(), "must be a real number or a 0-d array"),
+        (np.array(True), "must be real, got an array of dtype bool"),
+        (np.array(1 + 0j), "must be real, got an array of dtype complex"),
+    ],
+    ids=["None", "bool", "str", "1-d", "not-an-array", "bool-0d", "complex-0d"],
+)
+def test_thresholds_of_the_wrong_kind_are_type_errors_naming_the_argument(
+    bad: Any, message: str
+) -> None:
+    grads = [np.array([3.0, -4.0], np.float32)]
+    for fn, name in CLIPPERS:
+        with pytest.raises(TypeError, match=rf"{name} {message}"):
+            fn(grads, bad)
+    assert grads[0].tolist() == [3.0, -4.0]
+
+
 def test_threshold_from_another_library_is_a_type_error_naming_it(library: Backend) -> None:
     if library.library == "torch":
         other = pytest.importorskip("array_api_strict").asarray(1.0)

@@ -283,6 +283,33 @@ def test_bad_arguments_are_clear_errors() -> None:
         agj.clip_by_global_norm(1.0).update({"x": jnp.arange(3)}, None)
 
 
+def test_an_empty_tree_passes_with_a_zero_norm() -> None:
+    for tx in (agj.clip_by_global_norm(1.0), agj.clip_by_norm(1.0), agj.clip_by_value(1.0)):
+        updates, state = tx.update({"a": None}, tx.init({}))
+        assert updates == {"a": None}
+    tx = agj.clip_by_global_norm(1.0)
+    _, state = tx.update({}, tx.init({}))
+    assert float(state.norm) == 0.0
+
+
+def test_specs_name_the_axes_each_leaf_is_partitioned_over() -> None:
+    """Per leaf, the axes over which its devices hold copies (counted once)."""
+    from jax.sharding import PartitionSpec as P
+
+    from agclip.backends._jax_axes import reduction_for
+
+    tree = {"a": jnp.ones(4), "b": jnp.ones((2, 2))}
+    axes = ("x", "y")
+    assert reduction_for(axes, P(("x", "y")), tree).replicated == ((), ())
+    assert reduction_for(axes, P(None, "y"), tree).replicated == (("x",), ("x",))
+    assert reduction_for(axes, {"a": P("x"), "b": P()}, tree).replicated == (("y",), axes)
+    assert reduction_for("x", None, tree).replicated is None
+    with pytest.raises(ValueError, match="specs must have the structure of the updates"):
+        reduction_for("x", {"a": P("x")}, tree)
+    with pytest.raises(ValueError, match="pass axis_name with them"):
+        agj.clip_by_global_norm(1.0, specs=P("x"))
+
+
 SHARDED = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"

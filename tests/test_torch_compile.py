@@ -118,3 +118,16 @@ def test_cuda_graphs_capture_the_clip() -> None:
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
         for p, g in zip(params, grads, strict=True):
             torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_a_compiled_clip_before_backward_returns_zero_without_a_graph_break() -> None:
+    """The placement warning stays out of the graph: compiled, the clip is silent."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda: agt.clip_grad_norm_(params, 1.0))()
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        lambda: agt.clip_grad_norm_(params, 1.0), fullgraph=True, backend="aot_eager"
+    )
+    assert float(compiled()) == 0.0

@@ -191,3 +191,51 @@ def test_exhausted_generator_warns_like_torch() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ag.clip_grad_norm_([], 1.0)  # an empty list is not a consumed generator
+
+
+# -- arguments that are not what they should be ---------------------------------------
+def test_bad_arguments_are_errors_naming_them() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="check_every must be an int >= 1, got 0"):
+        ag.GradientClipCallback(1.0, check_every=0)
+    with pytest.raises(TypeError, match="optimizer must be a torch optimizer, got object"):
+        ag.clip_and_step(object(), 1.0)
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a str, not a torch.Tensor"):
+        ag.adaptive_clip_grad_([model.weight, "bias"], 0.01)
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.grad.clone()
+    with pytest.raises(TypeError, match=r"parameters\[1\] is a str, not a torch.Tensor"):
+        ag.clip_grad_norm_([model.weight, "bias"], 1e-3)
+    with pytest.raises(TypeError, match=r"tensors\[1\] is a float, not a torch.Tensor"):
+        ag.get_total_norm([model.weight.grad, 1.0])
+    assert torch.equal(model.weight.grad, before)  # nothing modified before the error
+
+
+def test_an_optimizer_whose_optimizer_attribute_is_not_one_is_used_itself() -> None:
+    """Only a wrapper's ``.optimizer`` that is an optimizer is unwrapped."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    optimizer.optimizer = "not an optimizer"  # type: ignore[attr-defined]
+    model(torch.ones(1, 2)).sum().mul(100).backward()
+    before = model.weight.detach().clone()
+    norm = ag.clip_and_step(optimizer, 1.0)
+    step = before - model.weight.detach()
+    assert float(norm) > 1.0
+    weight_step, bias_step = step.norm().item(), model.bias.grad.norm().item()
+    assert math.hypot(weight_step, bias_step) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_loading_an_empty_state_dict_starts_a_rule_afresh() -> None:
+    model = torch.nn.Linear(2, 2)
+    fresh, used = ag.ZClip(warmup_steps=2), ag.ZClip(warmup_steps=2)
+    for scale in (1.0, 2.0, 3.0):
+        model.zero_grad()
+        model(torch.ones(1, 2)).sum().mul(scale).backward()
+        used.step(model)
+    used.load_state_dict({})
+    assert used.state is None
+    model.zero_grad()
+    model(torch.ones(1, 2)).sum().backward()
+    used.step(model)
+    fresh.step(model)
+    torch.testing.assert_close(used.state, fresh.state)
