@@ -9,7 +9,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from array_api_compat import torch as compat_torch
@@ -17,6 +17,7 @@ from array_api_compat import torch as compat_torch
 from .._checks import check_ord, check_threshold
 from .._dispatch import kernels_for
 from .._kernels import Batch, Kernels
+from ._torch_kernels import TorchKernels
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor]
 EPS = 1e-6  # torch's
@@ -26,9 +27,9 @@ EPS = 1e-6  # torch's
 _KERNELS = {foreach: kernels_for(compat_torch, foreach=foreach) for foreach in (None, False, True)}
 
 
-def kernels(foreach: bool | None = None) -> Kernels:
+def kernels(foreach: bool | None = None) -> TorchKernels:
     """The PyTorch kernels, with ``foreach`` as given to the public function."""
-    return _KERNELS[foreach]
+    return cast(TorchKernels, _KERNELS[foreach])
 
 
 def norm_type_arg(norm_type: Any) -> float:

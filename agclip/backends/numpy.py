@@ -17,7 +17,7 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from array_api_compat import numpy as compat_numpy
@@ -26,10 +26,12 @@ from .._checks import check_eps, check_ord, check_precision, check_threshold
 from .._dispatch import kernels_for
 from .._pipeline import apply_factor, clip_coefficient, total_norm
 from .._typing import Scalar
+from ._numpy_kernels import NumpyKernels
 
 __all__ = ["clip_by_global_norm_", "clip_by_value_"]
 
-_kernels = kernels_for(compat_numpy)  # the NumPy overrides, shared with the functional core
+# The NumPy overrides, shared with the functional core.
+_kernels = cast(NumpyKernels, kernels_for(compat_numpy))
 
 
 def _writable_arrays(arrays: Iterable[np.ndarray | None]) -> list[np.ndarray]:
