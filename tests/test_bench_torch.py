@@ -27,7 +27,7 @@ def test_a_gpu_times_a_1b_parameter_model_and_the_cpu_does_not() -> None:
     assert len(cpu["nanoGPT (0.81M)"]) == 52
 
 
-def test_memory_bound_sets_time_both_cases_against_the_floor() -> None:
+def test_every_set_is_timed_against_its_floor() -> None:
     report = Report("torch")
     sets: dict[str, list[tuple[int, ...]]] = {
         "stand-in": STAND_IN,
@@ -45,6 +45,8 @@ def test_memory_bound_sets_time_both_cases_against_the_floor() -> None:
     against = [(r["case"]["shapes"], r["case"]["case"], r["against"]) for r in report.ratios]
     assert ("stand-in", "no clipping", "memory floor") in against
     assert ("small", "clipping", "memory floor") not in against
+    assert ("small", "clipping", "call floor") in against  # small models: calls, not bytes
+    assert ("2000 x 1000", "clipping", "call floor") in against
     for row in rows:
         assert float(row[-1]) < 1e-6  # agclip's norm error against float64
 
