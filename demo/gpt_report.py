@@ -80,10 +80,31 @@ def table(runs: list[GPTRun]) -> str:
     return "\n".join([text_table(headers, rows), *notes])
 
 
+def same_start(run: GPTRun, other: GPTRun) -> int:
+    """How many first steps two runs share exactly (the same losses)."""
+    n = 0
+    for a, b in zip(run.losses, other.losses, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _label(run: GPTRun, runs: list[GPTRun]) -> str:
+    if run.config == "no clipping":
+        return run.config
+    label = f"{run.config} (clipped {run.clipped_steps / max(1, len(run.losses)):.0%} of steps"
+    plain = next((r for r in runs if r.config == "no clipping"), None)
+    shared = same_start(run, plain) if plain is not None else 0
+    if shared >= SPIKE_MIN_HISTORY:
+        label += f"; the same as no clipping for the first {shared} steps"
+    return label + ")"
+
+
 def _draw(ax: Any, runs: list[GPTRun], values: str, steps: int | None = None) -> None:
     for run in runs:
         ys = np.asarray(getattr(run, values), dtype=np.float64)[:steps]
-        ax.plot(np.arange(1, len(ys) + 1), ys, label=run.config, **_style(run.config))
+        ax.plot(np.arange(1, len(ys) + 1), ys, label=_label(run, runs), **_style(run.config))
         if run.diverged and run.diverged_at is not None and len(ys) >= run.diverged_at:
             finite = ys[np.isfinite(ys)]
             ax.plot(

@@ -182,3 +182,17 @@ def test_piped_output_holds_no_carriage_returns(tmp_path: Path) -> None:
     assert b"GPT loss curves" in done.stdout
     assert b"\r" not in done.stdout
     assert b"\r" not in done.stderr
+
+
+def test_the_figure_legend_says_how_often_a_run_clipped_and_what_it_shares() -> None:
+    from demo.gpt_report import _label
+
+    plain = GPTRun("no clipping", 0.03, 0, 5.56, losses=[4.0, 3.0, 3.5, 3.2, 3.1, 3.0, 7.0, 3.0])
+    zclip = GPTRun("ZClip", 0.03, 0, 5.56, losses=[*plain.losses[:7], 2.9], clipped_steps=1)
+    clipped = GPTRun("global norm 1", 0.03, 0, 5.56, losses=[4.0, 2.0] * 4, clipped_steps=4)
+    runs = [plain, clipped, zclip]
+    assert _label(plain, runs) == "no clipping"
+    assert _label(clipped, runs) == "global norm 1 (clipped 50% of steps)"
+    assert _label(zclip, runs) == (
+        "ZClip (clipped 12% of steps; the same as no clipping for the first 7 steps)"
+    )
