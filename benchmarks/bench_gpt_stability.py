@@ -14,6 +14,7 @@ claims: "100% explosion prevention" and "10-30% faster convergence".
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import statistics
 import sys
@@ -34,6 +35,7 @@ from demo.gpt_runs import (
     DEMO,
     SMOOTHING,
     SPIKE_FACTOR,
+    SPIKE_MIN_HISTORY,
     SPIKE_WINDOW,
     TARGET_LOSS,
     GPTRun,
@@ -106,6 +108,12 @@ def sweep(
     return results
 
 
+def _worst(run: GPTRun) -> float:
+    """The highest training loss after the first steps (inf if it went non-finite)."""
+    later = run.losses[SPIKE_MIN_HISTORY:]
+    return max((v if math.isfinite(v) else math.inf for v in later), default=math.nan)
+
+
 def summarize(runs: list[GPTRun]) -> dict[str, Any]:
     reached = [r.steps_to_target for r in runs if r.steps_to_target is not None]
     finals = [r.val_loss for r in runs if not r.diverged]
@@ -114,6 +122,7 @@ def summarize(runs: list[GPTRun]) -> dict[str, Any]:
         "diverged": sum(r.diverged for r in runs),
         "spikes": [count_spikes(r.losses) for r in runs],
         "val": statistics.median(finals) if finals else None,
+        "worst": max((_worst(r) for r in runs), default=math.nan),
         "reached": len(reached),
         "steps": statistics.median(reached) if reached else None,
         "clipped": float(np.mean([r.clipped_steps / max(1, len(r.losses)) for r in runs])),
@@ -259,6 +268,7 @@ def main() -> None:
             name,
             f"{s['diverged']}/{s['runs']}",
             " ".join(str(n) for n in s["spikes"]),
+            f"{s['worst']:.2f}",
             "-" if s["val"] is None else f"{s['val']:.3f}",
             f"{s['reached']}/{s['runs']}",
             "-" if s["steps"] is None else f"{s['steps']:.0f}",
@@ -289,6 +299,7 @@ def main() -> None:
             "clipping",
             "diverged",
             "spikes (per seed)",
+            f"worst loss after step {SPIKE_MIN_HISTORY} (max over seeds)",
             "final val loss (median)",
             "reached target",
             "median steps to target",

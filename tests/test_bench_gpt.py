@@ -138,6 +138,7 @@ def test_the_sweep_runs_at_toy_size_and_summarizes_per_arm_and_lr() -> None:
     assert stats["runs"] == 2
     assert stats["diverged"] == 0
     assert len(stats["spikes"]) == 2
+    assert math.isfinite(stats["worst"])
     assert stats["val"] is not None
     assert 0 < stats["val"] < 10
 
