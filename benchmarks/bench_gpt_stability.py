@@ -18,6 +18,7 @@ import math
 import multiprocessing
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -232,16 +233,20 @@ def plot(stats: dict[tuple[str, float], dict[str, Any]], path: Path, title: str)
             lambda s: s["steps"] if s["steps"] is not None else np.nan,
         ),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
     for ax, (ylabel, value) in zip(axes.flat, panels, strict=True):
         for i, name in enumerate(names):
             ys = [value(stats[(name, lr)]) for lr in lrs]
             # A small horizontal offset per arm keeps equal values visible side by side.
             xs = [lr * 1.06 ** (i - len(names) / 2) for lr in lrs]
             ax.plot(xs, ys, label=name, markersize=6, linewidth=1.2, **STYLES.get(name, {}))
-        ax.set(xscale="log", xlabel="peak learning rate", ylabel=ylabel)
+        ax.set(xscale="log", ylabel=ylabel)
+        ax.set_xticks(list(lrs), [f"{lr:g}" for lr in lrs])
+        ax.minorticks_off()
+    for ax in axes[1]:
+        ax.set_xlabel("peak learning rate")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, 120), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lstm.add_argument("--max-norm", type=float, default=1.0, help="global-norm threshold (1.0)")
     lstm.add_argument("--clip-value", type=float, default=0.1, help="value-clip threshold (0.1)")
     gpt = parser.add_argument_group("GPT")
-    gpt.add_argument("--gpt-steps", type=int, default=300, help="training steps per run (300)")
+    gpt.add_argument(
+        "--gpt-steps", type=int, default=300, help="steps per run (300), a tenth of them warm-up"
+    )
     gpt.add_argument("--gpt-lr", type=float, default=GPT_LR, help=f"peak AdamW lr ({GPT_LR:g})")
     gpt.add_argument("--gpt-max-norm", type=float, default=1.0, help="global-norm threshold (1.0)")
     gpt.add_argument(
@@ -54,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="demo",
         help="demo: 4 layers of width 128; toy: 1 layer of width 32, for tests",
     )
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/demo"), help="output folder (out/demo)"
+    )
     parser.add_argument(
         "--no-progress",
         action="store_true",

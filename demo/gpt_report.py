@@ -124,7 +124,7 @@ def plot(runs: list[GPTRun], path: Path, title: str, *, max_norm: float, warmup:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (loss_ax, norm_ax) = plt.subplots(1, 2, figsize=(13, 6))
     _draw(loss_ax, runs, "losses")
     for run in runs:
         if run.diverged:
@@ -144,9 +144,10 @@ def plot(runs: list[GPTRun], path: Path, title: str, *, max_norm: float, warmup:
         ylabel="training loss (nats per character)",
         ylim=(max(0.0, min(finite, default=1.0) - 0.2), top),
     )
-    loss_ax.legend(fontsize=8, loc="upper center")
+    # Under the axes: the space above the curves holds the inset.
+    loss_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     steps = min(INSET_STEPS, max(len(run.losses) for run in runs))
-    inset = loss_ax.inset_axes((0.55, 0.45, 0.42, 0.4))
+    inset = loss_ax.inset_axes((0.42, 0.45, 0.55, 0.45))
     _draw(inset, runs, "losses", steps)
     inset.set_xlim(0.5, steps + 0.5)
     inset.set_title(f"first {steps} steps", fontsize=7)
@@ -156,7 +157,7 @@ def plot(runs: list[GPTRun], path: Path, title: str, *, max_norm: float, warmup:
     norm_ax.axhline(max_norm, color="tab:blue", linestyle=":", linewidth=0.8)
     norm_ax.text(1, max_norm, f" max_norm {max_norm:g}", fontsize=7, va="bottom", color="tab:blue")
     norm_ax.set(xlabel="step", ylabel="gradient norm before clipping", yscale="log")
-    norm_ax.legend(fontsize=8, loc="upper right")
+    norm_ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
