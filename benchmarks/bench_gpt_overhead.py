@@ -202,7 +202,9 @@ def main() -> None:
         "rules are past their warm-up. Cells: median (20th-80th percentile) over rounds. "
         "`clip / step`: the clip call's share of its own step, round by round; "
         "`step - step alone`: the step's time minus the step alone's time in the same "
-        "round (the measure for an arm whose call also takes the optimizer step)."
+        "round (the measure for an arm whose call also takes the optimizer step); a "
+        "step's own round-to-round spread can exceed a clip's cost, so read it with its "
+        "percentiles."
     )
     for name, shape in MODELS.items():
         parameters = sum(p.numel() for p in GPT(shape.config).parameters())
