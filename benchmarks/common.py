@@ -8,8 +8,12 @@ import random
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 def gpt2_small_shapes() -> list[tuple[int, ...]]:
@@ -49,12 +53,14 @@ def many_small_shapes() -> list[tuple[int, ...]]:
     return [(1000,)] * 2000
 
 
-def make_grads(shapes: list[tuple[int, ...]], seed: int = 0, scale: float = 1e-3):
+def make_grads(
+    shapes: list[tuple[int, ...]], seed: int = 0, scale: float = 1e-3
+) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.standard_normal(s, dtype=np.float32) * np.float32(scale) for s in shapes]
 
 
-def reference_norm(arrays) -> float:
+def reference_norm(arrays: list[np.ndarray]) -> float:
     """float64 global 2-norm."""
     total = 0.0
     for a in arrays:
@@ -94,13 +100,27 @@ def interleaved(
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def interleaved_samples(cases: dict[str, Callable[[], T]], repeats: int = 7) -> dict[str, list[T]]:
+    """Every case's own measurements (what it returns), ``repeats`` runs each, in
+    interleaved rounds of a seeded shuffled order like ``interleaved``; a first round
+    warms up and is dropped. For cases that time their own phases."""
+    samples: dict[str, list[T]] = {name: [] for name in cases}
+    names, order = list(cases), random.Random(0)
+    for round_ in range(repeats + 1):
+        order.shuffle(names)
+        for name in names:
+            result = cases[name]()
+            if round_:
+                samples[name].append(result)
+    return samples
+
+
 def cpu_model() -> str:
-    """The processor's model name (speed tuned on one CPU may not hold on another)."""
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform knows."""
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()

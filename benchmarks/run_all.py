@@ -6,8 +6,12 @@ under the command that reproduces each section, plots every ratio and judges
 each against its target: the first rule in ``TARGETS`` whose fields all match
 the ratio's case.
 
-    python benchmarks/run_all.py [--only numpy,torch,jax,jax_compile,distributed,stability,adaptive]
-        [--out docs/benchmarks.md]
+    python benchmarks/run_all.py [--only numpy,torch,jax,jax_compile,distributed,stability,
+        adaptive,gpt_overhead,gpt_stability] [--update] [--out docs/benchmarks.md]
+
+With ``--update`` only the chosen sections of the existing page are replaced (each
+says when it was regenerated); the header, the other sections and the speed-ratio
+plot stay as they were.
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ BENCHES = {
     "distributed": ("Distributed: FSDP2 on 2 CPU ranks", "bench_distributed.py"),
     "stability": ("Training stability and overhead", "bench_stability.py"),
     "adaptive": ("Adaptive clipping: ZClip, AutoClip, AdaGC", "bench_adaptive.py"),
+    "gpt_overhead": ("GPT training step: the share spent clipping", "bench_gpt_overhead.py"),
+    "gpt_stability": (
+        "GPT stability: learning rates, seeds and clipping rules",
+        "bench_gpt_stability.py",
+    ),
 }
 
 
@@ -73,7 +82,7 @@ TARGETS = [
     _t("torch", 1.10, "step floor", device="cpu", shapes="GPT-2 small"),
     _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="clip + fused step"),
     _t("torch", 0.90, device="cpu", shapes="GPT-2 small", case="fused step, nothing to clip"),
-    _t("torch", 1.10, device="cpu", shapes="2000 x 1000"),
+    _t("torch", 1.10, "torch", device="cpu", shapes="2000 x 1000"),
     # A small model: the fixed cost of a call, against torch's own clip.
     _t("torch", 0.80, "torch", device="cpu", shapes="nanoGPT (0.81M)"),
     _t("torch", 1.00, "torch", device="cuda"),
@@ -151,13 +160,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(BENCHES))
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--update", action="store_true", help="replace only these sections of the existing page"
+    )
     args = parser.parse_args()
     chosen = [name.strip() for name in args.only.split(",")]
     unknown = set(chosen) - set(BENCHES)
     if unknown:
         parser.error(f"unknown benchmarks {sorted(unknown)}; known: {', '.join(BENCHES)}")
 
-    sections, plotted = [], []
+    sections, plotted = {}, []
     for index, name in enumerate(chosen, 1):
         title, script = BENCHES[name]
         print(f"[{index}/{len(chosen)}] {title} ...", file=sys.stderr, flush=True)
@@ -165,16 +177,40 @@ def main() -> None:
         print(f"      done in {seconds:.0f} s", file=sys.stderr, flush=True)
         plotted += [(f"{name}: {label(r)} (vs {r['against']})", r["ratio"]) for r in data["ratios"]]
         checks = verdicts(name, data["ratios"])
-        sections.append(
-            f"## {title}\n\nCommand: `python benchmarks/{script}` ({seconds:.0f} s)\n\n"
+        when = (
+            f"; this section regenerated on {datetime.date.today().isoformat()} with "
+            f"`run_all.py --only {name} --update`"
+            if args.update
+            else ""
+        )
+        sections[name] = (
+            f"## {title}\n\nCommand: `python benchmarks/{script}` ({seconds:.0f} s{when})\n\n"
             + render(data)
             + ("\nTargets:\n\n" + "\n".join(checks) + "\n" if checks else "")
         )
 
-    if plotted:
-        plot(plotted, args.out.parent / "img" / "speed_ratios.png")
-    args.out.write_text(header(bool(plotted)) + "\n" + "\n".join(sections))
+    if args.update:
+        args.out.write_text(update_page(args.out.read_text(), sections))
+    else:
+        if plotted:
+            plot(plotted, args.out.parent / "img" / "speed_ratios.png")
+        args.out.write_text(header(bool(plotted)) + "\n" + "\n".join(sections.values()))
     print(f"wrote {args.out}", file=sys.stderr)
+
+
+def update_page(page: str, sections: dict[str, str]) -> str:
+    """``page`` with the sections of ``sections`` (benchmark name -> Markdown, from its
+    "## title" on) replaced, or added in ``BENCHES`` order; everything else kept."""
+    head, *parts = page.split("\n## ")
+    found = {part.split("\n", 1)[0]: "## " + part.rstrip("\n") + "\n" for part in parts}
+    titles = {BENCHES[name][0]: text for name, text in sections.items()}
+    merged = []
+    for title, _ in BENCHES.values():
+        text = titles.get(title, found.pop(title, None))
+        if text is not None:
+            merged.append(text)
+    merged += found.values()  # sections of benchmarks no longer listed stay too
+    return head.rstrip("\n") + "\n\n" + "\n".join(merged)
 
 
 def header(with_plot: bool) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,7 +12,9 @@ DIVERGED_LOSS = 1e3  # a loss above this (or NaN/inf) counts as diverged
 SMOOTHING = 20  # steps-to-target uses the mean of the last 20 losses
 
 
-def batches(seed: int, steps: int, batch: int = 64, length: int = 20):
+def batches(
+    seed: int, steps: int, batch: int = 64, length: int = 20
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``steps`` batches ``(x, y)``: x (batch, length, 2) float32, y (batch, 1).
 
     Channel 0 holds uniform values, channel 1 marks two positions (one in each
@@ -39,8 +42,6 @@ class Run:
     config: str
     losses: list[float] = field(default_factory=list)
     clipped_steps: int = 0
-    clip_seconds: float = 0.0
-    step_seconds: float = 0.0
 
     def record(self, loss: float) -> bool:
         """Add a loss; False once the run has diverged (the caller stops)."""
@@ -64,7 +65,3 @@ class Run:
     @property
     def final_loss(self) -> float:
         return float(np.mean(self.losses[-SMOOTHING:])) if self.losses else float("nan")
-
-    @property
-    def clip_share(self) -> float:
-        return self.clip_seconds / self.step_seconds if self.step_seconds else 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +37,9 @@ def predict(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     batch = x.shape[0]
     hidden = params["head_w"].shape[0]
 
-    def cell(carry, x_t):
+    def cell(
+        carry: tuple[jax.Array, jax.Array], x_t: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], None]:
         h, c = carry
         gates = jnp.concatenate([x_t, h], axis=-1) @ params["w"] + params["b"]
         i, f, g, o = jnp.split(gates, 4, axis=-1)
@@ -48,16 +49,19 @@ def predict(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
 
     zeros = jnp.zeros((batch, hidden))
     (h, _), _ = jax.lax.scan(cell, (zeros, zeros), jnp.swapaxes(x, 0, 1))
-    return h @ params["head_w"] + params["head_b"]
+    out: jax.Array = h @ params["head_w"] + params["head_b"]
+    return out
 
 
 def loss_fn(params: dict[str, jax.Array], x: jax.Array, y: jax.Array) -> jax.Array:
-    return jnp.mean((predict(params, x) - y) ** 2)
+    loss: jax.Array = jnp.mean((predict(params, x) - y) ** 2)
+    return loss
 
 
 def _fired(config: str, grads: Any, state: Any, max_norm: float, clip_value: float) -> jax.Array:
     if config.startswith("global"):
-        return state[0].norm > max_norm
+        fired: jax.Array = state[0].norm > max_norm
+        return fired
     if config.startswith("value"):
         peaks = [jnp.max(jnp.abs(g)) for g in jax.tree_util.tree_leaves(grads)]
         return jnp.max(jnp.stack(peaks)) > clip_value
@@ -85,7 +89,9 @@ def run_all(
         state = tx.init(params)
 
         @jax.jit
-        def step(params, state, x, y, tx=tx, config=config):
+        def step(
+            params: Any, state: Any, x: Any, y: Any, tx: Any = tx, config: str = config
+        ) -> tuple[Any, Any, jax.Array, jax.Array]:
             loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
             updates, state = tx.update(grads, state, params)
             fired = _fired(config, grads, state, max_norm, clip_value)
@@ -100,30 +106,5 @@ def run_all(
             if not run.record(float(loss)):
                 break
         run.clipped_steps = int(np.sum(jax.device_get(fired_steps)))
-        if fired_steps:
-            run.clip_seconds, run.step_seconds = _clip_and_step_time(clip, step, params, state)
         runs.append(run)
     return runs
-
-
-def _clip_and_step_time(clip: Any, step: Any, params: Any, state: Any) -> tuple[float, float]:
-    """The clip transform alone (jitted) and one whole training step, in seconds each.
-
-    Inside the jitted step XLA fuses the clip with its neighbours, so the
-    standalone time is an upper bound on what clipping adds.
-    """
-    clip_update = jax.jit(clip.update)
-    clip_state = clip.init(params)
-    x, y = next(batches(0, 1))
-    grads = jax.jit(jax.grad(loss_fn))(params, x, y)  # once, for timing the clip alone
-
-    def best(fn: Callable[[], Any], repeats: int = 30) -> float:
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    return best(lambda: clip_update(grads, clip_state)), best(lambda: step(params, state, x, y))

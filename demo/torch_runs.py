@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -25,34 +25,30 @@ class AddingRNN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
-        return self.head(out[:, -1])
+        prediction: torch.Tensor = self.head(out[:, -1])
+        return prediction
 
 
-def _timed(clip: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    clip()
-    return time.perf_counter() - start
-
-
-def _clippers(model: torch.nn.Module, max_norm: float, clip_value: float):
+def _clippers(
+    model: torch.nn.Module, max_norm: float, clip_value: float
+) -> dict[str, Callable[[], bool] | None]:
     """config name -> a function that clips the model's gradients and returns
-    (whether clipping changed anything, seconds spent in the clip call alone)."""
+    whether clipping changed anything."""
     callback = GradientClipCallback(max_norm=max_norm, warn_nonfinite=False)
     callback.set_model(model)
     params = list(model.parameters())
 
-    def with_callback() -> tuple[bool, float]:
-        seconds = _timed(callback.on_after_backward)
-        return bool(callback.last_norm > max_norm), seconds
+    def with_callback() -> bool:
+        callback.on_after_backward()
+        return callback.last_norm is not None and bool(callback.last_norm > max_norm)
 
-    def with_function() -> tuple[bool, float]:
-        norms = []
-        seconds = _timed(lambda: norms.append(clip_grad_norm_(params, max_norm)))
-        return bool(norms[0] > max_norm), seconds
+    def with_function() -> bool:
+        return bool(clip_grad_norm_(params, max_norm) > max_norm)
 
-    def by_value() -> tuple[bool, float]:
-        fired = any(bool(p.grad.abs().max() > clip_value) for p in params)  # untimed
-        return fired, _timed(lambda: clip_grad_value_(params, clip_value))
+    def by_value() -> bool:
+        fired = any(bool(p.grad.abs().max() > clip_value) for p in params if p.grad is not None)
+        clip_grad_value_(params, clip_value)
+        return fired
 
     return {
         "no clipping": None,
@@ -69,7 +65,7 @@ def run_all(
     lr: float,
     max_norm: float,
     clip_value: float,
-    progress: Callable[..., object],
+    progress: Callable[..., Iterable[Any]],
     cell: str = "lstm",
     length: int = 20,
     stop_at_target: bool = False,
@@ -77,7 +73,7 @@ def run_all(
 ) -> list[Run]:
     """Train one model per clipping config; ``only`` filters configs by name,
     ``stop_at_target`` ends a run once it reaches the target loss. Runs on two
-    threads (comparable timings), and leaves torch's thread count as it was."""
+    threads, and leaves torch's thread count as it was."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -94,7 +90,7 @@ def _train_all(
     lr: float,
     max_norm: float,
     clip_value: float,
-    progress: Callable[..., object],
+    progress: Callable[..., Iterable[Any]],
     cell: str,
     length: int,
     stop_at_target: bool,
@@ -111,19 +107,12 @@ def _train_all(
         data = batches(seed, steps, length=length)
         bar = progress(data, total=steps, desc=f"PyTorch {config:<32}")
         for x, y in bar:
-            start = time.perf_counter()
             optimizer.zero_grad()
             loss = torch.nn.functional.mse_loss(model(torch.from_numpy(x)), torch.from_numpy(y))
             loss.backward()
-            check_seconds = 0.0
             if clip is not None:
-                check_start = time.perf_counter()
-                fired, seconds = clip()
-                check_seconds = time.perf_counter() - check_start - seconds
-                run.clipped_steps += fired
-                run.clip_seconds += seconds
+                run.clipped_steps += clip()
             optimizer.step()
-            run.step_seconds += time.perf_counter() - start - check_seconds
             if not run.record(loss.item()) or (stop_at_target and run.steps_to_target):
                 break
         runs.append(run)
