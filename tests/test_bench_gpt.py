@@ -4,7 +4,7 @@ step, and the stability sweep's summaries and verdicts."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import statistics
 
 import pytest
 
@@ -17,48 +17,55 @@ import torch
 from common import cpu_model
 
 from agclip.backends.torch import clip_grad_norm_
-from demo.gpt import GPT, GPTConfig
+from demo.gpt import GPT, GPTConfig, loss_of
 from demo.gpt_runs import TOY, GPTRun, Setup
 
 TINY = overhead.Shape(GPTConfig(context=8, width=16, layers=1, heads=2), batch=2, context=8)
-
-
-def _clip_and_step(model: GPT, optimizer: torch.optim.Optimizer) -> Callable[[], object]:
-    """A stand-in for an arm whose one call clips and takes the optimizer step."""
-
-    def call() -> None:
-        clip_grad_norm_(list(model.parameters()), overhead.MAX_NORM)
-        optimizer.step()
-
-    return call
 
 
 def test_the_overhead_harness_times_every_arm_against_the_step_alone() -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: a busy second core would only slow this down
     try:
-        samples = overhead.measure(
-            TINY, repeats=2, step_arms={"clip then step, one call": _clip_and_step}, warm_up_calls=2
-        )
+        samples = overhead.measure(TINY, repeats=2, warm_up_calls=2)
     finally:
         torch.set_num_threads(threads)
-    expected = {overhead.BASELINE, *overhead.CLIP_ARMS, "clip then step, one call"}
+    expected = {overhead.BASELINE, *overhead.CLIP_ARMS, *overhead.STEP_ARMS}
     assert set(samples) == expected
     assert all(len(records) == 2 for records in samples.values())
     stats = overhead.summarize(samples)
-    for name in overhead.CLIP_ARMS:
+    for name in [*overhead.CLIP_ARMS, *overhead.STEP_ARMS]:
         assert all(math.isfinite(s) and s > 0 for s in stats[name]["step"])
-        assert all(math.isfinite(c) and c >= 0 for c in stats[name]["clip"])
-        assert all(0 <= share < 1 for share in stats[name]["share"])
-        assert all(math.isfinite(e) for e in stats[name]["extra"])
+        assert all(math.isfinite(c) for c in stats[name]["cost"])
+        assert all(math.isfinite(share) for share in stats[name]["share"])
         assert stats[name]["norm"] > 0  # every clip call returns the pre-clip norm
-    for name in (overhead.BASELINE, "clip then step, one call"):  # no separate clip time
+    for name in overhead.CLIP_ARMS:  # timed apart as well
+        assert all(math.isfinite(c) and c >= 0 for c in stats[name]["clip"])
+    for name in (overhead.BASELINE, *overhead.STEP_ARMS):  # no separate clip time
         assert all(math.isnan(c) for c in stats[name]["clip"])
-    assert stats[overhead.BASELINE]["extra"] == [0.0, 0.0]
-    assert all(math.isfinite(e) for e in stats["clip then step, one call"]["extra"])
+    assert stats[overhead.BASELINE]["cost"] == [0.0, 0.0]
     table = overhead.rows(stats)
     assert [row[0] for row in table] == list(samples)
     assert all(len(row) == len(overhead.HEADERS) for row in table)
+    best, share = overhead.lowest_share(stats)
+    assert "agclip" in best
+    assert share == min(statistics.median(stats[n]["share"]) for n in stats if "agclip" in n)
+
+
+def test_the_step_arms_clip_like_clip_then_step() -> None:
+    """``clip_and_step`` in the harness clips: the same parameters as clip, then step."""
+    torch.manual_seed(0)
+    models = [GPT(TINY.config) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=0.1, fused=True) for m in models]
+    x = torch.randint(0, TINY.config.vocab, (TINY.batch, TINY.context))
+    for model in models:
+        loss_of(model, x, x).mul(100).backward()
+    clip_grad_norm_(list(models[0].parameters()), overhead.MAX_NORM)
+    optimizers[0].step()
+    overhead.STEP_ARMS["agclip clip_and_step"](models[1], optimizers[1])()
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_the_overhead_benchmark_covers_gpt2_small_and_names_the_cpu() -> None:
@@ -71,6 +78,12 @@ def test_the_overhead_benchmark_covers_gpt2_small_and_names_the_cpu() -> None:
         "agclip AutoClip().step",
         "agclip AdaGC().step",
     }
+    assert set(overhead.STEP_ARMS) == {
+        "agclip clip_and_step",
+        "agclip clip_and_step(ZClip())",
+        overhead.FLOOR,
+    }
+    assert run_all.target_for("gpt_overhead", {"case": "lowest clip share"}, "torch") == 0.5
     assert cpu_model()
     assert overhead._spread([1.0, 2.0, 3.0]) == "2.0 (1.4-2.6)"
 

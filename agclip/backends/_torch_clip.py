@@ -169,7 +169,9 @@ def step_after(k: Kernels, decision: Decision, optimizer: Any, inner: Any, scale
         return
     device = decision.batch.leaves[0].device
     ours = {"grad_scale": (1.0 / factor).clamp(max=FLOAT32_MAX).to(device, torch.float32)}
-    if not scaled:  # a GradScaler sets (and removes) found_inf itself
+    # found_inf skips a non-finite step inside the kernel: a GradScaler sets its own,
+    # and a norm read on the host is finite here (a non-finite one returned above).
+    if not (scaled or readable):
         ours["found_inf"] = (~torch.isfinite(norm)).to(device, torch.float32)
     for name, value in ours.items():
         setattr(inner, name, value)
