@@ -34,6 +34,16 @@ def batches(
         yield x, y
 
 
+def first_mean_below(losses: list[float], target: float, window: int) -> int | None:
+    """The first step at which the mean of the last ``window`` losses is below
+    ``target`` (None if it never is)."""
+    if len(losses) < window:
+        return None
+    smooth = np.convolve(np.asarray(losses, np.float64), np.ones(window) / window, "valid")
+    hits = np.nonzero(smooth < target)[0]
+    return int(hits[0]) + window if hits.size else None
+
+
 @dataclass
 class Run:
     """One training run's record."""
@@ -55,12 +65,7 @@ class Run:
 
     @property
     def steps_to_target(self) -> int | None:
-        losses = np.asarray(self.losses, dtype=np.float64)
-        if self.diverged or len(losses) < SMOOTHING:
-            return None
-        smooth = np.convolve(losses, np.ones(SMOOTHING) / SMOOTHING, mode="valid")
-        hits = np.nonzero(smooth < TARGET_LOSS)[0]
-        return int(hits[0]) + SMOOTHING if hits.size else None
+        return None if self.diverged else first_mean_below(self.losses, TARGET_LOSS, SMOOTHING)
 
     @property
     def final_loss(self) -> float:

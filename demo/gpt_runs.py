@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, cast
 
-import numpy as np
 import torch
 
 from agclip.backends.torch import (
@@ -26,6 +25,7 @@ from agclip.backends.torch import (
     get_total_norm,
 )
 
+from .adding_problem import first_mean_below
 from .gpt import GPT, CharData, GPTConfig, adamw, loss_of, warmup_cosine
 
 TARGET_LOSS = 2.5  # nats per character; character frequencies alone score 3.07 on this text
@@ -131,12 +131,7 @@ class GPTRun:
     def steps_to_target(self) -> int | None:
         """The first step where the mean training loss of the last 20 steps is below
         ``TARGET_LOSS``; None for a diverged run or one that never gets there."""
-        losses = np.asarray(self.losses, dtype=np.float64)
-        if self.diverged or len(losses) < SMOOTHING:
-            return None
-        smooth = np.convolve(losses, np.ones(SMOOTHING) / SMOOTHING, mode="valid")
-        hits = np.nonzero(smooth < TARGET_LOSS)[0]
-        return int(hits[0]) + SMOOTHING if hits.size else None
+        return None if self.diverged else first_mean_below(self.losses, TARGET_LOSS, SMOOTHING)
 
 
 def count_spikes(
