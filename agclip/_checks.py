@@ -37,7 +37,8 @@ def host_value(value: Any) -> float | None:
 
 
 def check_threshold(name: str, value: Any, xp: ModuleType | None = None) -> Any:
-    """Validate ``max_norm`` / ``clip_value``: a finite number >= 0.
+    """Validate ``max_norm`` / ``clip_value``: a number >= 0, finite except
+    ``max_norm = inf`` (as in torch: the norm is measured, nothing is clipped).
 
     Numbers and 0-d arrays that live on the host are checked and returned as
     a Python float. Device arrays and tracers (a schedule's value under
@@ -73,8 +74,11 @@ def check_threshold(name: str, value: Any, xp: ModuleType | None = None) -> Any:
 
 
 def _finite_non_negative(name: str, number: float, given: Any) -> float:
+    if name == "max_norm" and number == math.inf:  # measure only
+        return number
     if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {given!r}")
+        allowed = "a number >= 0 (inf: measure only)" if name == "max_norm" else None
+        raise ValueError(f"{name} must be {allowed or 'a finite number >= 0'}, got {given!r}")
     return number
 
 

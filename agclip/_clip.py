@@ -65,7 +65,8 @@ def clip_by_global_norm(
 
     Args:
         tree: a pytree of real floating-point arrays (``None`` leaves kept).
-        max_norm: the largest norm allowed, a finite number >= 0 (or a 0-d array).
+        max_norm: the largest norm allowed, a number >= 0 (or a 0-d array);
+            ``inf`` measures the norm and clips nothing.
         ord: 2 (default), 1, ``inf`` or any finite p > 0.
         eps: added to the norm before dividing; >= 0.
 
@@ -99,7 +100,8 @@ def clip_by_norm(
 
     Args:
         tree: a pytree of real floating-point arrays (``None`` leaves kept).
-        max_norm: the largest norm allowed per leaf, a finite number >= 0.
+        max_norm: the largest norm allowed per leaf, a number >= 0 (``inf``:
+            clip nothing).
         ord: 2 (default), 1, ``inf`` or any finite p > 0.
         eps: added to each norm before dividing; >= 0.
 

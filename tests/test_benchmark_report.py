@@ -53,7 +53,9 @@ def test_the_first_matching_target_applies_by_fields_and_peer() -> None:
     assert run_all.target_for("torch", {**gpt2, "case": "clip + fused step"}, "torch") == 0.90
     nothing = {**gpt2, "case": "fused step, nothing to clip"}
     assert run_all.target_for("torch", nothing, "torch") == 0.90
-    assert run_all.target_for("torch", {"device": "cpu", "shapes": "2000 x 1000"}) == 1.10
+    small = {"device": "cpu", "shapes": "2000 x 1000"}
+    assert run_all.target_for("torch", small, "torch") == 1.10
+    assert run_all.target_for("torch", small, "call floor") is None  # reported, not judged
     assert run_all.target_for("torch", {"device": "cuda", "case": "x"}, floor) is None
     assert run_all.target_for("jax", {"case": "agclip eager vs optax jit"}) == 1.30
     assert run_all.target_for("numpy", {"case": "something else"}) is None

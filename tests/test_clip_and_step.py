@@ -20,7 +20,13 @@ else:
 
 from support import grad_of
 
-from agclip.backends.torch import GradientClipCallback, ZClip, clip_and_step, clip_grad_norm_
+from agclip.backends.torch import (
+    AdaGC,
+    GradientClipCallback,
+    ZClip,
+    clip_and_step,
+    clip_grad_norm_,
+)
 
 OPTIMIZERS: dict[str, Callable[[Any], Any]] = {
     "AdamW-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
@@ -385,3 +391,159 @@ def test_a_wrappers_own_grad_scaler_is_found(name: str) -> None:
         wrapped.zero_grad()
         their_opt.zero_grad()
     _nothing_left(our_opt)
+
+
+def test_an_infinite_max_norm_measures_only_like_torch() -> None:
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS["AdamW-fused"])
+    _backward(ours)
+    _backward(theirs)
+    want = torch.nn.utils.clip_grad_norm_(theirs.parameters(), math.inf)
+    torch.testing.assert_close(clip_grad_norm_(ours.parameters(), math.inf), want)
+    torch.testing.assert_close(clip_and_step(our_opt, math.inf), want)
+    their_opt.step()
+    _assert_same(ours, theirs, our_opt, their_opt)
+
+
+# torch's own: dynamo tracing an optimizer's step meets a deprecated torch.jit helper
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("name", ["AdamW-fused", "SGD-fused", "AdamW"])
+def test_a_compiled_caller_clips_and_skips_nonfinite_steps(name: str) -> None:
+    """Inside ``torch.compile`` the fused step does not see a coefficient set just
+    before it: the gradients are scaled first, and a NaN step is still skipped."""
+    torch._dynamo.reset()
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name])
+    compiled = torch.compile(lambda: clip_and_step(our_opt, 1.0), backend="aot_eager")
+    for step in range(3):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        norm = compiled()
+        torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0))
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt, tol=1e-5)
+        our_opt.zero_grad()
+        their_opt.zero_grad()
+    _backward(ours, seed=9)
+    grad_of(next(ours.parameters()))[0] = math.nan
+    before = copy.deepcopy(ours.state_dict()), copy.deepcopy(our_opt.state_dict())
+    assert not math.isfinite(compiled())
+    for key, value in before[0].items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+    _nothing_left(our_opt)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_a_step_pre_hook_sees_the_clipped_gradients(name: str) -> None:
+    """A hook that reads or edits the gradients before the step (logging, noise):
+    with it, a fused step gets clipped gradients, not a coefficient to apply later."""
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name])
+    seen: dict[str, list[float]] = {"ours": [], "theirs": []}
+
+    def hook_for(model: Any, key: str) -> Callable[..., None]:
+        def hook(optimizer: Any, args: Any, kwargs: Any) -> None:
+            grads = [grad_of(p) for p in model.parameters()]
+            seen[key].append(float(torch.nn.utils.get_total_norm(grads)))
+            torch._foreach_add_(grads, 1.0)
+
+        return hook
+
+    our_opt.register_step_pre_hook(hook_for(ours, "ours"))
+    their_opt.register_step_pre_hook(hook_for(theirs, "theirs"))
+    for step in range(2):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        clip_and_step(our_opt, 1.0)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt, tol=1e-5)
+    assert seen["ours"] == pytest.approx(seen["theirs"], rel=1e-5)
+    assert seen["ours"][0] == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("make", ["SGD", "AdamW"])
+def test_a_group_that_is_not_fused_takes_the_clipped_gradients(make: str) -> None:
+    """A fused optimizer with one group ``fused=False``: that group's step would
+    refuse a coefficient, so the gradients are scaled first."""
+    optimizer = getattr(torch.optim, make)
+
+    def build(params: list[Any]) -> Any:
+        groups = [{"params": params[:4], "fused": False}, {"params": params[4:]}]
+        return optimizer(groups, lr=1e-2, fused=True)
+
+    ours, our_opt, theirs, their_opt = _twins(build)
+    for step in range(2):
+        _backward(ours, seed=step)
+        _backward(theirs, seed=step)
+        clip_and_step(our_opt, 1.0)
+        torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
+        their_opt.step()
+        _assert_same(ours, theirs, our_opt, their_opt)
+        _nothing_left(our_opt)
+
+
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_clipping() -> None:
+    model = _model()
+    optimizer = torch.optim.LBFGS(model.parameters())
+    _backward(model)
+    before = [grad_of(p).clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="closure"):
+        clip_and_step(optimizer, 1.0)
+    for p, grad in zip(model.parameters(), before, strict=True):
+        assert torch.equal(grad_of(p), grad)
+
+
+def test_a_per_tensor_rule_keys_its_state_by_the_optimizers_names() -> None:
+    """AdaGC keeps one threshold per tensor: through ``clip_and_step`` they are
+    keyed by the names the optimizer holds, so rebuilding it with its groups in
+    another order keeps each tensor's threshold; without names it is refused."""
+    model, reference = _model(), _model()
+    rule, their_rule = AdaGC(warmup_steps=2), AdaGC(warmup_steps=2)
+    named = list(model.named_parameters())
+    optimizer = torch.optim.SGD(named, lr=0.0)
+    for step in range(3):
+        _backward(model, seed=step)
+        _backward(reference, seed=step)
+        norm = clip_and_step(optimizer, rule)
+        torch.testing.assert_close(norm, their_rule.step(reference))
+    assert [key.split()[0] for key in rule.state.gamma] == [name for name, _ in named]
+    rebuilt = torch.optim.SGD(
+        [{"params": named[2:]}, {"params": list(reversed(named[:2]))}], lr=0.0
+    )
+    _backward(model, seed=5, scale=1e4)  # a spike: every tensor clipped by its own threshold
+    _backward(reference, seed=5, scale=1e4)
+    clip_and_step(rebuilt, rule)
+    their_rule.step(reference)
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(grad_of(ours), grad_of(theirs), rtol=1e-5, atol=0)
+    before = [grad_of(p).clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="named_parameters"):
+        clip_and_step(torch.optim.SGD(model.parameters(), lr=0.0), rule)
+    assert all(torch.equal(grad_of(p), g) for p, g in zip(model.parameters(), before, strict=True))
+
+
+def test_nonfinite_steps_are_skipped_not_counted_as_clipped() -> None:
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    callback = GradientClipCallback(max_norm=1e9, warn_nonfinite=False)
+    callback.set_model(model)
+    for step, bad in enumerate([None, math.inf, math.nan, None]):
+        optimizer.zero_grad()
+        _backward(model, seed=step)
+        if bad is not None:
+            grad_of(next(model.parameters()))[0] = bad
+        callback.clip_and_step(optimizer)
+    assert (callback.steps, callback.clipped_steps) == (4, 0)
+
+
+def test_accelerates_micro_steps_are_not_counted_by_the_callback() -> None:
+    accelerate = pytest.importorskip("accelerate")
+    accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=4)
+    model = _model()
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.0))
+    callback = GradientClipCallback(max_norm=1.0)
+    callback.set_model(model)
+    for step in range(8):
+        with accelerator.accumulate(model):
+            _backward(model, seed=step)
+            callback.clip_and_step(optimizer)
+            optimizer.zero_grad()
+    assert (callback.steps, callback.clipped_steps) == (2, 2)

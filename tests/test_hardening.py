@@ -39,8 +39,22 @@ def test_0d_host_thresholds_are_validated_like_numbers(library: Backend, bad: An
     grads = [library.asarray([3.0, -4.0])]
     for threshold in _host_thresholds(library, bad):
         for fn, name in CLIPPERS:
+            if bad == math.inf and name == "max_norm":
+                continue  # measure only (next test)
             with pytest.raises(ValueError, match=name):
                 fn(grads, threshold)
+
+
+def test_an_infinite_max_norm_measures_and_clips_nothing(library: Backend) -> None:
+    """torch's idiom for logging the norm: ``clip_grad_norm_(params, inf)``."""
+    grads = [library.asarray([3.0, -4.0])]
+    for threshold in [math.inf, *_host_thresholds(library, math.inf)]:
+        clipped, norm = agclip.clip_by_global_norm(grads, threshold)
+        assert_close(clipped[0], [3.0, -4.0], library, dtype="float32")
+        assert_close(norm, 5.0, library, dtype="float32", rtol=1e-6)
+        assert_close(
+            agclip.clip_by_norm(grads, threshold)[0], [3.0, -4.0], library, dtype="float32"
+        )
 
 
 def test_0d_host_thresholds_clip_like_numbers(library: Backend) -> None:

@@ -18,6 +18,7 @@ from ._torch_clip import (
     loss_scale,
     optimizer_params,
     real_optimizer,
+    syncs_gradients,
     wrapper_scaler,
 )
 from ._torch_distributed import distributed_batch
@@ -164,6 +165,7 @@ class GradientClipCallback:
         call (see ``agclip.backends.torch.clip_and_step``), with this callback's
         threshold, statistics and warnings. Parameters of the model set with
         ``set_model`` are named in messages."""
+        syncing = syncs_gradients(optimizer)
         k, decision = clip_then_step(
             optimizer,
             self.rule,
@@ -173,6 +175,8 @@ class GradientClipCallback:
             check_for=partial(self._observer, kernels(self.foreach)),
             names_for=self._named_like,
         )
+        if not syncing:  # mid-way through accelerate's accumulation: no step, none counted
+            return empty_norm() if decision is None else decision.returned_norm(k)
         return self._recorded(k, decision)
 
     def _model_params(self) -> list[Any]:

@@ -12,12 +12,14 @@ after, needs no scale pass of its own and no host sync.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 
 from .._kernels import Batch, Kernels
 from .._pipeline import apply_factor, apply_per_unit, clip_coefficient, needs_scaling, total_norm
@@ -42,8 +44,9 @@ class Decision:
         return result_norm(k, self.norm, self.batch)
 
     def clipped(self) -> torch.Tensor:
-        """Whether this step clipped anything (a 0-d bool tensor, on the device)."""
-        return (self.factor < 1).any()
+        """Whether this step clipped anything (a 0-d bool tensor, on the device); a
+        step whose norm is NaN or inf is not a clip (it is skipped, or warned of)."""
+        return (self.factor < 1).any() & torch.isfinite(self.norm)
 
     def apply(self, k: Kernels) -> None:
         """Scale the gradients in place (no pass where the factor is known to be 1)."""
@@ -100,6 +103,29 @@ def optimizer_params(optimizer: Any) -> list[Any]:
     return list(dict.fromkeys(p for group in optimizer.param_groups for p in group["params"]))
 
 
+def optimizer_names(optimizer: Any, params: list[Any]) -> list[str] | None:
+    """The names of ``params`` where the optimizer was built from named parameters
+    (``AdamW(model.named_parameters())`` keeps them in each group), else ``None``."""
+    names = {
+        id(param): name
+        for group in optimizer.param_groups
+        for param, name in zip(group["params"], group.get("param_names", ()), strict=False)
+    }
+    return [names[id(p)] for p in params] if all(id(p) in names for p in params) else None
+
+
+def check_steps_without_closure(optimizer: Any) -> None:
+    """An optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss inside
+    it) cannot be stepped after a clip: said before anything is clipped."""
+    step = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if step is not None and step.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"{type(optimizer).__name__}.step needs a closure, which re-evaluates the loss "
+            "and its gradients: clip inside that closure (clip_grad_norm_ after "
+            "backward()) and call optimizer.step(closure) yourself"
+        )
+
+
 def loss_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
     """The loss scale still on the gradients: ``None`` once ``scaler.unscale_(optimizer)``
     ran, or when the scaler is off. Read on the device (no sync)."""
@@ -114,11 +140,24 @@ def loss_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
 
 def fuses_scaling(optimizer: Any) -> bool:
     """Whether ``optimizer.step()`` applies ``grad_scale`` / ``found_inf`` itself, and
-    neither is set already (a GradScaler's or the caller's)."""
-    fused = bool(getattr(optimizer, "defaults", {}).get("fused"))
+    neither is set already (a GradScaler's or the caller's). Not where the step would
+    not see them as set here: a group not fused (its step refuses them), a step
+    pre-hook (it would read the gradients unclipped), or a compiled caller (the traced
+    step does not see attributes set just before it)."""
+    fused = all(group.get("fused") for group in optimizer.param_groups)
     supports = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
     free = not (hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"))
-    return fused and supports and free and not _first_momentum_step(optimizer)
+    hooked = bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)) or bool(
+        torch_optimizer._global_optimizer_pre_hooks
+    )
+    return (
+        fused
+        and supports
+        and free
+        and not hooked
+        and not torch.compiler.is_compiling()
+        and not _first_momentum_step(optimizer)
+    )
 
 
 def _first_momentum_step(optimizer: Any) -> bool:
@@ -190,6 +229,10 @@ def _step(optimizer: Any, scaler: Any) -> None:
         optimizer.step()
 
 
+def no_check(grads: Batch, labels: Any) -> None:
+    """No check between the norm and the first write."""
+
+
 def decide_for(
     k: Kernels,
     params: list[Any],
@@ -197,7 +240,7 @@ def decide_for(
     rule: Any,
     process_group: Any,
     *,
-    check_for: Callable[[Batch, Any], Any] = lambda grads, labels: None,
+    check_for: Callable[[Batch, Any], Any] = no_check,
     divisor: torch.Tensor | None = None,
 ) -> Decision | None:
     """The clip of the gradients of ``params`` by ``rule``, decided (nothing written):
@@ -215,6 +258,12 @@ def decide_for(
     return decision
 
 
+def syncs_gradients(optimizer: Any) -> bool:
+    """False mid-way through accelerate's gradient accumulation (its optimizer's
+    ``step`` then does nothing)."""
+    return bool(getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True))
+
+
 def clip_then_step(
     optimizer: Any,
     rule: Any,
@@ -223,18 +272,29 @@ def clip_then_step(
     foreach: bool | None,
     process_group: Any,
     check_for: Callable[[Batch, Any], Any],
-    names_for: Callable[[list[Any]], list[str] | None] = lambda params: None,
+    names_for: Callable[[list[Any]], list[str] | None] | None = None,
 ) -> tuple[Kernels, Decision | None]:
     """Clip the gradients of every parameter of ``optimizer`` (all groups, any order)
-    by ``rule`` and take the step, in one call."""
+    by ``rule`` and take the step, in one call. The parameters are named by
+    ``names_for``, else by the optimizer (built from named parameters)."""
     inner, k = real_optimizer(optimizer), kernels(foreach)
+    check_steps_without_closure(inner)
     params = optimizer_params(inner)
+    names = optimizer_names(inner, params) if names_for is None else names_for(params)
+    if names is None and getattr(getattr(rule, "spec", None), "per_tensor", None):
+        raise ValueError(
+            f"{rule.spec.title} keeps a threshold per tensor, keyed by its name, and this "
+            "optimizer does not know its parameters' names (their order in its groups "
+            "can change when it is rebuilt): build it from model.named_parameters(), or "
+            "use rule.step(model) then optimizer.step()"
+        )
     divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
-    syncing = getattr(getattr(optimizer, "gradient_state", None), "sync_gradients", True)
+    syncing = syncs_gradients(optimizer)
     if not syncing:  # accelerate, mid-accumulation: its step does nothing yet, so nothing
         rule = FixedThreshold(math.inf, rule.norm_type)  # is clipped (nor seen by a rule)
+        check_for = no_check  # and it is not a step to count
     decision = decide_for(
-        k, params, names_for(params), rule, process_group, check_for=check_for, divisor=divisor
+        k, params, names, rule, process_group, check_for=check_for, divisor=divisor
     )
     if decision is None or not syncing:
         _step(optimizer, scaler)

@@ -112,8 +112,8 @@ def clip_by_global_norm(
     """Scale updates by ``min(1, max_norm / (global_norm + eps))``; the state keeps the norm.
 
     Args:
-        max_norm: the largest global norm allowed, a finite number >= 0 (or a
-            0-d array, e.g. a schedule's value).
+        max_norm: the largest global norm allowed, a number >= 0 (or a 0-d
+            array, e.g. a schedule's value); ``inf`` clips nothing.
         ord: ``None`` (default: 2), 1, ``inf`` or any p > 0. It picks the code
             path, so it is static: under ``optax.inject_hyperparams`` pass
             ``static_args=("ord",)`` to set it (the default needs nothing).
@@ -177,7 +177,7 @@ def clip_by_norm(max_norm: Scalar, *, ord: float | None = None, eps: Scalar = 1e
     """Scale each update leaf on its own by ``min(1, max_norm / (norm(leaf) + eps))``.
 
     Args:
-        max_norm: the largest norm allowed per leaf, a finite number >= 0 (or a
+        max_norm: the largest norm allowed per leaf, a number >= 0 (or a
             0-d array); injectable.
         ord: ``None`` (default: 2), 1, ``inf`` or any p > 0; static (see
             ``clip_by_global_norm``).

@@ -97,7 +97,7 @@ def clip_by_global_norm_(
         arrays: floating-point ndarrays (``None`` entries skipped). An array given
             twice counts once; arrays that otherwise share memory are a
             ``ValueError``; masked arrays a ``TypeError``.
-        max_norm: a finite number >= 0.
+        max_norm: a number >= 0 (``inf``: measure only).
         ord: 2 (default), 1, ``inf`` or any finite p > 0.
         eps: added to the norm before dividing; >= 0.
 

@@ -149,7 +149,8 @@ def clip_grad_norm_(
 
     Args:
         parameters: a Tensor or an iterable of Tensors (a generator is fine).
-        max_norm: the largest total norm allowed; a finite number >= 0.
+        max_norm: the largest total norm allowed; a number >= 0 (``inf``
+            measures the norm and clips nothing, as in torch).
         norm_type: 2.0 (default), 1, ``inf`` / ``"inf"``, or any p > 0.
         error_if_nonfinite: raise ``RuntimeError`` naming the non-finite
             gradients (before any is modified) when the total norm is NaN/inf.
@@ -225,7 +226,7 @@ def clip_and_step(
             to the real optimizer, the step through the wrapper, so the trainer's
             bookkeeping runs (and accelerate's gradient accumulation: mid-way
             through it nothing is clipped).
-        max_norm: the largest total norm allowed (a finite number >= 0), or an
+        max_norm: the largest total norm allowed (a number >= 0), or an
             adaptive rule (``ZClip()``, ``AutoClip()``, ``AdaGC()``).
         norm_type: as in ``clip_grad_norm_`` (a rule has its own).
         scaler: a ``torch.amp.GradScaler`` whose ``scaler.scale(loss).backward()``
