@@ -205,7 +205,7 @@ def test_nonfinite_paths_names_the_leaves(library: Backend) -> None:
 
 
 # -- bad input ---------------------------------------------------------------
-@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("bad", [-1.0, math.nan, -math.inf])  # inf measures only: test_hardening
 def test_bad_max_norm_is_a_value_error_naming_it(library: Backend, bad: Any) -> None:
     grads = [library.asarray([1.0])]
     for fn, name in (

@@ -98,7 +98,7 @@ def test_clip_by_value_rejects_bad_clip_value_untouched() -> None:
     assert arrays[0][0] == 5.0
 
 
-@pytest.mark.parametrize("bad", [np.array(-1.0), np.float32(np.nan), np.array(np.inf)])
+@pytest.mark.parametrize("bad", [np.array(-1.0), np.float32(np.nan), np.array(-np.inf)])
 def test_bad_0d_thresholds_raise_before_any_change(bad: Any) -> None:
     arrays = [np.full(3, 4.0, np.float32), np.full(2, 3.0)]
     with pytest.raises(ValueError, match="max_norm"):

@@ -79,7 +79,7 @@ def test_create_graph_gradients_do_not_record_the_clip() -> None:
 
 # -- 2. and 3. thresholds: host arrays checked, nothing half-written ----------------
 @pytest.mark.parametrize(
-    "bad", [np.array(-1.0), torch.tensor(-1.0), torch.tensor(math.nan), np.float64("inf")]
+    "bad", [np.array(-1.0), torch.tensor(-1.0), torch.tensor(math.nan), np.float64("-inf")]
 )
 def test_bad_0d_host_thresholds_raise_before_any_change(bad: Any) -> None:
     params = two_groups()
