@@ -80,6 +80,19 @@ def _assert_same(ours: Any, theirs: Any, our_opt: Any, their_opt: Any, tol: floa
             torch.testing.assert_close(mine[key][name], value, rtol=tol, atol=tol / 10)
 
 
+def _clip_and_step_both(
+    ours: Any, stepped: Any, theirs: Any, their_opt: Any, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of each twin, ``clip_and_step(stepped)`` and torch's clip then step:
+    the two norms."""
+    _backward(ours, seed=seed)
+    _backward(theirs, seed=seed)
+    norm = clip_and_step(stepped, 1.0)
+    want = torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
+    their_opt.step()
+    return norm, want
+
+
 def _nothing_left(optimizer: Any) -> None:
     assert not hasattr(optimizer, "grad_scale")
     assert not hasattr(optimizer, "found_inf")
@@ -92,11 +105,7 @@ def _nothing_left(optimizer: Any) -> None:
 def test_equals_torchs_clip_then_step(name: str, grouped: bool) -> None:
     ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name], grouped)
     for step in range(3):
-        _backward(ours, seed=step)
-        _backward(theirs, seed=step)
-        norm = clip_and_step(our_opt, 1.0)
-        want = torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
-        their_opt.step()
+        norm, want = _clip_and_step_both(ours, our_opt, theirs, their_opt, seed=step)
         torch.testing.assert_close(norm, want, rtol=1e-6, atol=0)
         _assert_same(ours, theirs, our_opt, their_opt)
         _nothing_left(our_opt)
@@ -150,11 +159,7 @@ def test_a_wrapped_optimizer_steps_through_its_wrapper(name: str) -> None:
     ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name], grouped=True)
     wrapper = Wrapper(our_opt)
     for step in range(2):
-        _backward(ours, seed=step)
-        _backward(theirs, seed=step)
-        clip_and_step(wrapper, 1.0)
-        torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
-        their_opt.step()
+        _clip_and_step_both(ours, wrapper, theirs, their_opt, seed=step)
         _assert_same(ours, theirs, our_opt, their_opt)
     assert wrapper.steps == 2
     _nothing_left(our_opt)
@@ -449,11 +454,7 @@ def test_a_step_pre_hook_sees_the_clipped_gradients(name: str) -> None:
     our_opt.register_step_pre_hook(hook_for(ours, "ours"))
     their_opt.register_step_pre_hook(hook_for(theirs, "theirs"))
     for step in range(2):
-        _backward(ours, seed=step)
-        _backward(theirs, seed=step)
-        clip_and_step(our_opt, 1.0)
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-        their_opt.step()
+        _clip_and_step_both(ours, our_opt, theirs, their_opt, seed=step)
         _assert_same(ours, theirs, our_opt, their_opt, tol=1e-5)
     assert seen["ours"] == pytest.approx(seen["theirs"], rel=1e-5)
     assert seen["ours"][0] == pytest.approx(1.0, rel=1e-5)
@@ -471,11 +472,7 @@ def test_a_group_that_is_not_fused_takes_the_clipped_gradients(make: str) -> Non
 
     ours, our_opt, theirs, their_opt = _twins(build)
     for step in range(2):
-        _backward(ours, seed=step)
-        _backward(theirs, seed=step)
-        clip_and_step(our_opt, 1.0)
-        torch.nn.utils.clip_grad_norm_(_params_of(their_opt), 1.0)
-        their_opt.step()
+        _clip_and_step_both(ours, our_opt, theirs, their_opt, seed=step)
         _assert_same(ours, theirs, our_opt, their_opt)
         _nothing_left(our_opt)
 
