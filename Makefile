@@ -70,7 +70,7 @@ gpu-check: $(STAMP)  ## on a CUDA machine: the CUDA tests and the PyTorch benchm
 demo: $(STAMP)  ## the main job: training with and without clipping (python -m demo --help)
 	$(BIN)/python -m demo
 
-# Every speed/memory/accuracy/stability benchmark; regenerates docs/benchmarks.md (~25 min).
+# Every speed/memory/accuracy/stability benchmark; regenerates docs/benchmarks.md (~50 min on 2 cores).
 bench: $(STAMP)  ## every benchmark; regenerates docs/benchmarks.md
 	$(BIN)/python benchmarks/run_all.py
 
