@@ -47,7 +47,7 @@ wheel-test: $(STAMP)  ## the suite against the built wheel, from outside the sou
 	$(PY) -m venv $(WHEEL_DIR)/venv
 	$(WHEEL_DIR)/venv/bin/python -m pip install -q -c constraints.txt "$$(ls $(WHEEL_DIR)/agclip-*.whl)[torch,jax,test]"
 	cp -r tests pyproject.toml $(WHEEL_DIR)/run/
-	cd $(WHEEL_DIR)/run && venv=../venv/bin/python && $$venv -c "import agclip, pathlib; p = pathlib.Path(agclip.__file__).parent; assert 'site-packages' in str(p) and (p / 'py.typed').exists(), p; print('testing the wheel installed at', p)" && $$venv -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_bench_adaptive.py --ignore=tests/test_bench_torch.py --ignore=tests/test_docs.py --ignore=tests/test_gpt_demo.py --ignore=tests/test_bench_gpt.py
+	cd $(WHEEL_DIR)/run && venv=../venv/bin/python && $$venv -c "import agclip, pathlib; p = pathlib.Path(agclip.__file__).parent; assert 'site-packages' in str(p) and (p / 'py.typed').exists(), p; print('testing the wheel installed at', p)" && $$venv -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_bench_adaptive.py --ignore=tests/test_bench_torch.py --ignore=tests/test_docs.py --ignore=tests/test_gpt_demo.py --ignore=tests/test_bench_gpt.py --ignore=tests/test_bench_jax_compile.py
 
 # The suite on the lower bounds of pyproject.toml (constraints-min.txt), NumPy,
 # array_api_strict and JAX backends; optax's own tests are tied to the pinned optax.
@@ -56,7 +56,7 @@ mindeps-test:  ## the suite on the lowest supported NumPy, JAX and optax
 	rm -rf $(MIN_DIR) && $(PY) -m venv $(MIN_DIR)/venv
 	grep -v -E '^(numpy|array-api-compat|optree|array-api-strict|jax|jaxlib|optax)==' constraints.txt > $(MIN_DIR)/tools.txt
 	$(MIN_DIR)/venv/bin/python -m pip install -q -c constraints-min.txt -c $(MIN_DIR)/tools.txt -e '.[jax,test]'
-	AGCLIP_BACKENDS=numpy,array_api_strict,jax,jax_jit $(MIN_DIR)/venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_bench_adaptive.py --ignore=tests/test_bench_torch.py --ignore=tests/test_optax_suite.py --ignore=tests/test_gpt_demo.py --ignore=tests/test_bench_gpt.py
+	AGCLIP_BACKENDS=numpy,array_api_strict,jax,jax_jit $(MIN_DIR)/venv/bin/python -m pytest -q -p no:cacheprovider tests --ignore=tests/test_demo.py --ignore=tests/test_examples.py --ignore=tests/test_benchmark_report.py --ignore=tests/test_bench_adaptive.py --ignore=tests/test_bench_torch.py --ignore=tests/test_optax_suite.py --ignore=tests/test_gpt_demo.py --ignore=tests/test_bench_gpt.py --ignore=tests/test_bench_jax_compile.py
 
 # On a machine with CUDA: the CUDA test cases (every backend test on torch_cuda,
 # the no-sync, mixed-device and fused-step tests) and the PyTorch benchmark,
