@@ -61,7 +61,7 @@ def _public_docstrings() -> list[tuple[str, str]]:
 def test_docstrings_read_cleanly_in_help() -> None:
     """help() and IDEs show docstrings as they are: no site-only link markup."""
     docs = _public_docstrings()
-    assert len(docs) > 40
+    assert len(docs) > 30  # found (fewer where a framework is not installed)
     marked = [name for name, doc in docs if re.search(r"\]\[[A-Za-z_][\w.]*\]", doc)]
     assert not marked
 

@@ -120,7 +120,7 @@ def test_in_place_scale_override_matches_generic(lib: str, dtype: str, factor: f
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("lib", [case for case in _lib_cases() if case.id != "jax"])
 def test_nothing_is_written_when_the_factor_is_one(lib: str) -> None:
     xp, make = _maker(lib)
     k = kernels_for(xp)

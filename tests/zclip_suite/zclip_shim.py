@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
+pytest.importorskip("torch", reason="the zclip package's tests need torch")
 
 from agclip.backends.torch import ZClip
 
