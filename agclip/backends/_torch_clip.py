@@ -117,8 +117,8 @@ def optimizer_names(optimizer: Any, params: list[Any]) -> list[str] | None:
 def check_steps_without_closure(optimizer: Any) -> None:
     """An optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss inside
     it) cannot be stepped after a clip: said before anything is clipped."""
-    step = inspect.signature(type(optimizer).step).parameters.get("closure")
-    if step is not None and step.default is inspect.Parameter.empty:
+    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
         raise TypeError(
             f"{type(optimizer).__name__}.step needs a closure, which re-evaluates the loss "
             "and its gradients: clip inside that closure (clip_grad_norm_ after "
@@ -148,7 +148,7 @@ def fuses_scaling(optimizer: Any) -> bool:
     supports = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
     free = not (hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"))
     hooked = bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)) or bool(
-        torch_optimizer._global_optimizer_pre_hooks
+        getattr(torch_optimizer, "_global_optimizer_pre_hooks", None)
     )
     return (
         fused
