@@ -404,17 +404,10 @@ def adaptive_rules(layout: str) -> dict[str, Any]:
 
 
 def adagc_refuses_pipeline_stages() -> dict[str, Any]:
-    from agclip.backends.torch import AdaGC
-
     every = list(mlp().parameters())
     give_grads(every, full_grads())
     mine = every[:4] if dist.get_rank() == 0 else every[4:]  # 4 tensors here, 2 there
-    try:
-        AdaGC(process_group=dist.group.WORLD).step(mine)
-        raised = ""
-    except ValueError as error:
-        raised = str(error)
-    return {"raised": raised}
+    return _adagc_error(mine)
 
 
 def subgroups() -> dict[str, Any]:
@@ -434,17 +427,21 @@ def subgroups() -> dict[str, Any]:
 
 def adagc_rank_without_gradients() -> dict[str, Any]:
     """One rank holds no gradient at all: every rank raises the same clear error."""
-    from agclip.backends.torch import AdaGC
-
     every = list(mlp().parameters())
     give_grads(every, full_grads())
     mine = every if dist.get_rank() else []
+    return _adagc_error(mine)
+
+
+def _adagc_error(params: list[Any]) -> dict[str, Any]:
+    """AdaGC over the world with this rank's ``params``: the error it raised, if any."""
+    from agclip.backends.torch import AdaGC
+
     try:
-        AdaGC(process_group=dist.group.WORLD).step(mine)
-        raised = ""
+        AdaGC(process_group=dist.group.WORLD).step(params)
     except ValueError as error:
-        raised = str(error)
-    return {"raised": raised}
+        return {"raised": str(error)}
+    return {"raised": ""}
 
 
 def fsdp2_clip_and_step() -> dict[str, Any]:
