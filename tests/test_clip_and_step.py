@@ -480,9 +480,35 @@ def test_a_group_that_is_not_fused_takes_the_clipped_gradients(make: str) -> Non
         _nothing_left(our_opt)
 
 
-def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_clipping() -> None:
+class _StepNeedsAFunction(torch.optim.SGD):
+    def step(self, fn: Any) -> Any:  # type: ignore[override]
+        return super().step(fn)
+
+
+def _lbfgs(params: Any) -> Any:
+    return torch.optim.LBFGS(params)
+
+
+def _step_replaced(params: Any) -> Any:
+    optimizer = torch.optim.SGD(params, lr=0.1)
+
+    def step(closure: Any) -> None:
+        """A step replaced on the instance, needing its closure."""
+
+    setattr(optimizer, "step", step)  # noqa: B010  (mypy refuses an assignment to a method)
+    return optimizer
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_lbfgs, lambda ps: _StepNeedsAFunction(ps, lr=0.1), _step_replaced],
+    ids=["LBFGS", "step(fn)", "instance step(closure)"],
+)
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_clipping(
+    make: Callable[[Any], Any],
+) -> None:
     model = _model()
-    optimizer = torch.optim.LBFGS(model.parameters())
+    optimizer = make(model.parameters())
     _backward(model)
     before = [grad_of(p).clone() for p in model.parameters()]
     with pytest.raises(TypeError, match="closure"):
@@ -517,6 +543,9 @@ def test_a_per_tensor_rule_keys_its_state_by_the_optimizers_names() -> None:
     before = [grad_of(p).clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="named_parameters"):
         clip_and_step(torch.optim.SGD(model.parameters(), lr=0.0), rule)
+    clashing = [{"params": list(module.named_parameters())} for module in (model[1], model[3])]
+    with pytest.raises(ValueError, match="'weight'"):  # two submodules: local names clash
+        clip_and_step(torch.optim.SGD(clashing, lr=0.0), rule)
     assert all(torch.equal(grad_of(p), g) for p, g in zip(model.parameters(), before, strict=True))
 
 

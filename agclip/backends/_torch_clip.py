@@ -115,14 +115,39 @@ def optimizer_names(optimizer: Any, params: list[Any]) -> list[str] | None:
 
 
 def check_steps_without_closure(optimizer: Any) -> None:
-    """An optimizer whose ``step`` needs a closure (LBFGS re-evaluates the loss inside
-    it) cannot be stepped after a clip: said before anything is clipped."""
-    closure = inspect.signature(type(optimizer).step).parameters.get("closure")
-    if closure is not None and closure.default is inspect.Parameter.empty:
+    """An optimizer whose ``step`` needs an argument (LBFGS's closure re-evaluates the
+    loss inside it) cannot be stepped after a clip: said before anything is clipped."""
+    try:
+        inspect.signature(optimizer.step).bind()
+    except TypeError:
         raise TypeError(
-            f"{type(optimizer).__name__}.step needs a closure, which re-evaluates the loss "
-            "and its gradients: clip inside that closure (clip_grad_norm_ after "
-            "backward()) and call optimizer.step(closure) yourself"
+            f"{type(optimizer).__name__}.step needs an argument (a closure, which "
+            "re-evaluates the loss and its gradients): clip inside that closure "
+            "(clip_grad_norm_ after backward()) and call optimizer.step(closure) yourself"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): the step will tell
+        pass
+
+
+def check_names_for(rule: Any, names: list[str] | None) -> None:
+    """A rule with per-tensor state (AdaGC) keys it by name: each tensor needs its
+    own, or tensors would share (or swap) their thresholds."""
+    spec: Any = getattr(rule, "spec", None)
+    if not getattr(spec, "per_tensor", None):
+        return
+    if names is None:
+        raise ValueError(
+            f"{spec.title} keeps a threshold per tensor, keyed by its name, and this "
+            "optimizer does not know its parameters' names (their order in its groups "
+            "can change when it is rebuilt): build it from model.named_parameters(), or "
+            "use rule.step(model) then optimizer.step()"
+        )
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ValueError(
+            f"{spec.title} keeps a threshold per tensor, keyed by its name, and the "
+            f"optimizer names two parameters {twice!r}: build it from the whole model's "
+            "named_parameters(), whose names are unique"
         )
 
 
@@ -281,13 +306,7 @@ def clip_then_step(
     check_steps_without_closure(inner)
     params = optimizer_params(inner)
     names = optimizer_names(inner, params) if names_for is None else names_for(params)
-    if names is None and getattr(getattr(rule, "spec", None), "per_tensor", None):
-        raise ValueError(
-            f"{rule.spec.title} keeps a threshold per tensor, keyed by its name, and this "
-            "optimizer does not know its parameters' names (their order in its groups "
-            "can change when it is rebuilt): build it from model.named_parameters(), or "
-            "use rule.step(model) then optimizer.step()"
-        )
+    check_names_for(rule, names)
     divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
     syncing = syncs_gradients(optimizer)
     if not syncing:  # accelerate, mid-accumulation: its step does nothing yet, so nothing
