@@ -480,6 +480,22 @@ def test_a_group_that_is_not_fused_takes_the_clipped_gradients(make: str) -> Non
         _nothing_left(our_opt)
 
 
+def test_a_step_without_a_signature_to_read_is_stepped() -> None:
+    """A step whose signature cannot be read (a builtin) is not refused: the
+    gradients are clipped and it is called."""
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS["SGD"])
+    real_step = our_opt.step
+    setattr(our_opt, "step", dict)  # noqa: B010  (no signature: inspect raises ValueError)
+    _backward(ours)
+    _backward(theirs)
+    clip_and_step(our_opt, 1.0)  # clips, then calls dict()
+    setattr(our_opt, "step", real_step)  # noqa: B010
+    our_opt.step()  # the step on the clipped gradients
+    torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+    their_opt.step()
+    _assert_same(ours, theirs, our_opt, their_opt)
+
+
 class _StepNeedsAFunction(torch.optim.SGD):
     def step(self, fn: Any) -> Any:  # type: ignore[override]
         return super().step(fn)
