@@ -527,8 +527,9 @@ def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_clipping(
     optimizer = make(model.parameters())
     _backward(model)
     before = [grad_of(p).clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match="closure"):
-        clip_and_step(optimizer, 1.0)
+    for _ in range(2):  # the second call is answered from the step's remembered signature
+        with pytest.raises(TypeError, match="closure"):
+            clip_and_step(optimizer, 1.0)
     for p, grad in zip(model.parameters(), before, strict=True):
         assert torch.equal(grad_of(p), grad)
 
@@ -592,3 +593,50 @@ def test_accelerates_micro_steps_are_not_counted_by_the_callback() -> None:
             callback.clip_and_step(optimizer)
             optimizer.zero_grad()
     assert (callback.steps, callback.clipped_steps) == (2, 2)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_an_optimizer_with_an_lr_scheduler_is_clipped_and_stepped(name: str) -> None:
+    """An LR scheduler wraps ``optimizer.step`` on the instance (to count its calls):
+    the step still needs no argument, and is judged as the class's own."""
+    ours, our_opt, theirs, their_opt = _twins(OPTIMIZERS[name])
+    schedulers = [torch.optim.lr_scheduler.StepLR(opt, 1) for opt in (our_opt, their_opt)]
+    for seed in range(2):
+        _backward(ours, seed)
+        _backward(theirs, seed)
+        clip_and_step(our_opt, 1.0)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        their_opt.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    _assert_same(ours, theirs, our_opt, their_opt)
+    lbfgs = torch.optim.LBFGS(ours.parameters())
+    torch.optim.lr_scheduler.StepLR(lbfgs, 1)
+    with pytest.raises(TypeError, match="closure"):
+        clip_and_step(lbfgs, 1.0)
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_a_parameter_listed_twice_is_clipped_once_by_a_fused_step(name: str) -> None:
+    """A fused step divides each listed gradient by ``grad_scale``: a parameter listed
+    twice in a group (torch warns, and allows it) is scaled here instead."""
+    ours, theirs = (torch.nn.Parameter(torch.tensor([1.0, 2.0])) for _ in range(2))
+    with pytest.warns(UserWarning, match="duplicate"):
+        our_opt, their_opt = (OPTIMIZERS[name]([p, p]) for p in (ours, theirs))
+    for p in (ours, theirs):
+        p.grad = torch.tensor([3.0, 4.0])
+    clip_and_step(our_opt, 1.0)
+    torch.nn.utils.clip_grad_norm_([theirs], 1.0)
+    their_opt.step()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_huge_finite_gradients_are_clipped_not_zeroed() -> None:
+    """Ten float32 values of 1e38 have a finite norm (3.2e38); clipped to 1e-10, the
+    factor (3e-49) is below float32's range, and the clipped values (3.2e-11) are not."""
+    param = torch.nn.Parameter(torch.zeros(10))
+    param.grad = torch.full((10,), 1e38)
+    norm = clip_grad_norm_([param], 1e-10)
+    assert float(norm) == pytest.approx(10**0.5 * 1e38, rel=1e-6)
+    torch.testing.assert_close(param.grad, torch.full((10,), 1e-10 / 10**0.5), rtol=1e-6, atol=0)

@@ -120,6 +120,19 @@ def test_in_place_scale_override_matches_generic(lib: str, dtype: str, factor: f
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("foreach", [None, False])
+def test_torch_scales_by_a_factor_below_float32s_range_without_losing_it(foreach: Any) -> None:
+    """The clip of a norm beyond float32's range: the factor, rounded to float32, would
+    lose its digits (3e-41) or become 0 (3e-49); the values it gives are in range."""
+    torch = pytest.importorskip("torch")
+    k = kernels_for(torch, foreach=foreach)
+    for factor in (3e-41, 3e-49):
+        leaves = [torch.tensor([3.0e38, -1.5e38, 7.0e30, 0.0])]
+        expected = (leaves[0].double() * factor).float()
+        k.scale_(k.prepare(leaves), torch.tensor(factor, dtype=torch.float64))
+        torch.testing.assert_close(leaves[0], expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("lib", [case for case in _lib_cases() if case.id != "jax"])
 def test_nothing_is_written_when_the_factor_is_one(lib: str) -> None:
     xp, make = _maker(lib)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +102,10 @@ def real_optimizer(optimizer: Any) -> Any:
 
 def optimizer_params(optimizer: Any) -> list[Any]:
     """Every parameter of every group, once each."""
-    return list(dict.fromkeys(p for group in optimizer.param_groups for p in group["params"]))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len({id(p) for p in params}) == len(params):  # ids: a tensor's hash runs in Python
+        return params
+    return list(dict.fromkeys(params))
 
 
 def optimizer_names(optimizer: Any, params: list[Any]) -> list[str] | None:
@@ -117,16 +122,36 @@ def optimizer_names(optimizer: Any, params: list[Any]) -> list[str] | None:
 def check_steps_without_closure(optimizer: Any) -> None:
     """An optimizer whose ``step`` needs an argument (LBFGS's closure re-evaluates the
     loss inside it) cannot be stepped after a clip: said before anything is clipped."""
-    try:
-        inspect.signature(optimizer.step).bind()
-    except TypeError:
+    step = optimizer.step
+    if getattr(step, "__wrapped__", None) is getattr(type(optimizer), "step", None):
+        # The class's step, wrapped on the instance (an LR scheduler counts its calls so)
+        step = types.MethodType(type(optimizer).step, optimizer)
+    method = getattr(step, "__func__", None)  # a step defined by the class: remembered
+    known = isinstance(method, types.FunctionType)  # (reading a signature is slow)
+    needs = _METHOD_NEEDS_ARGUMENT.get(method) if known else None
+    if needs is None:
+        needs = _needs_argument(step)
+        if known:
+            _METHOD_NEEDS_ARGUMENT[method] = needs
+    if needs:
         raise TypeError(
             f"{type(optimizer).__name__}.step needs an argument (a closure, which "
             "re-evaluates the loss and its gradients): clip inside that closure "
             "(clip_grad_norm_ after backward()) and call optimizer.step(closure) yourself"
-        ) from None
+        )
+
+
+_METHOD_NEEDS_ARGUMENT: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _needs_argument(step: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(step).bind()
+    except TypeError:
+        return True
     except ValueError:  # no signature to read (a builtin): the step will tell
         pass
+    return False
 
 
 def check_names_for(rule: Any, names: list[str] | None) -> None:
@@ -169,7 +194,12 @@ def fuses_scaling(optimizer: Any) -> bool:
     not see them as set here: a group not fused (its step refuses them), a step
     pre-hook (it would read the gradients unclipped), or a compiled caller (the traced
     step does not see attributes set just before it)."""
-    fused = all(group.get("fused") for group in optimizer.param_groups)
+    groups = optimizer.param_groups
+    fused = all(group.get("fused") for group in groups)
+    # A parameter listed twice would have its gradient divided by grad_scale twice.
+    once = len({id(p) for group in groups for p in group["params"]}) == sum(
+        len(group["params"]) for group in groups
+    )
     supports = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
     free = not (hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"))
     hooked = bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)) or bool(
@@ -177,6 +207,7 @@ def fuses_scaling(optimizer: Any) -> bool:
     )
     return (
         fused
+        and once
         and supports
         and free
         and not hooked
@@ -189,8 +220,9 @@ def _first_momentum_step(optimizer: Any) -> bool:
     """Fused SGD with momentum leaves its momentum buffers unset when its very first
     step is skipped through ``found_inf``: that step takes the plain path."""
     return any(
-        group.get("momentum", 0) and "momentum_buffer" not in optimizer.state.get(p, {})
+        "momentum_buffer" not in optimizer.state.get(p, {})
         for group in optimizer.param_groups
+        if group.get("momentum", 0)
         for p in group["params"]
         if p.grad is not None
     )
@@ -220,9 +252,11 @@ def step_after(k: Kernels, decision: Decision, optimizer: Any, inner: Any, scale
     scaled = (scaler is not None and scaler.is_enabled()) or wrapper_scaler(optimizer) is not None
     fused = decision.units is None and fuses_scaling(inner)
     readable = host_readable(norm)
-    if fused and readable and math.isfinite(float(norm)) and float(factor) < 1 / FLOAT32_MAX:
+    # Read on the host where free, or where the skip must be decided here (one sync).
+    finite = math.isfinite(float(norm)) if readable or not (fused or scaled) else None
+    if fused and finite and float(factor) < 1 / FLOAT32_MAX:
         fused = False  # 1 / factor beyond float32: scale here instead
-    if not scaled and (readable or not fused) and not bool(torch.isfinite(norm)):
+    if not scaled and finite is False:
         return  # skipped: parameters, optimizer state and gradients untouched
     if not fused:
         decision.apply(k)

@@ -17,6 +17,7 @@ Under ``torch.compile`` nothing is read on the host either: the graph stays whol
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -44,6 +45,24 @@ def _group(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64; 16- and 32-bit gradients are reduced and scaled in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _factors_for(like: torch.Tensor, factor: torch.Tensor) -> list[torch.Tensor]:
+    """The 0-d factor on ``like``'s device in its work dtype: the multiply rounds it
+    to that dtype anyway, and a float64 factor makes a CPU multiply of float32 values
+    slower. A factor below float32's normal range (the clip of a norm beyond float32's)
+    would lose its digits there, or become 0: where it can be read for free, it is
+    split into two factors within the range, applied one after the other."""
+    work = _work_dtype(like.dtype)
+    if work == torch.float32 and host_readable(factor) and 0 < float(factor) < _TINY32:
+        first = math.sqrt(float(factor))
+        return [
+            torch.tensor(f, dtype=work, device=like.device) for f in (first, float(factor) / first)
+        ]
+    return [factor.to(like.device, work)]
+
+
+_TINY32 = torch.finfo(torch.float32).tiny
 
 
 def host_readable(x: torch.Tensor) -> bool:
@@ -159,13 +178,13 @@ class TorchKernels(Kernels):
         return super().select(keep, value, fallback)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
-        for group in batch.groups:  # a 0-d factor of any float dtype (the op's math type)
-            local = factor if factor.device == group[0].device else factor.to(group[0].device)
-            if self.foreach is False:
-                for tensor in group:
-                    tensor.mul_(local)
-            else:
-                torch._foreach_mul_(group, local)
+        for group in batch.groups:
+            for local in _factors_for(group[0], factor):
+                if self.foreach is False:
+                    for tensor in group:
+                        tensor.mul_(local)
+                else:
+                    torch._foreach_mul_(group, local)
 
     def clip_values_(self, batch: Batch, clip_value: Any) -> None:
         """In place, per group; every group's bound computed before the first write."""
