@@ -15,7 +15,7 @@ The contract, in one place:
 ``accumulator``        dtype partial sums combine in
 ``result_dtype``       dtype of a returned norm
 ``needs_guard``        whether a norm needs the overflow/underflow guard (static)
-``sum_of_powers``      sum(|x * scale|**p) over the batch (times each group's weight)
+``sum_of_powers``      sum(|x / divisor|**p) over the batch (times each group's weight)
 ``max_abs``            max(|x|) over the batch (NaN propagates)
 ``stack``              stack 0-d arrays onto one device
 ``quiet``              a context without overflow warnings
@@ -151,24 +151,26 @@ class Kernels:
         return p * tiniest < math.log10(float(finfo(acc).smallest_normal))
 
     # -- reductions -------------------------------------------------------
-    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
-        """sum over leaves of sum(|x * scale|**p), accumulated in ``acc``; a 0-d array."""
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, divisor: Any = None) -> Any:
+        """sum over leaves of sum(|x / divisor|**p), accumulated in ``acc``; a 0-d array.
+        (Divided, not multiplied by 1 / divisor: that is subnormal for a divisor above
+        ~8.5e37 in float32, and flushed to 0 where denormals are.)"""
         xp = self.xp
         with self.quiet():
             parts = []
             for weight, leaf in weighted_leaves(batch):
                 if _size(leaf):
-                    part = self._leaf_sum(leaf, p, acc, scale)
+                    part = self._leaf_sum(leaf, p, acc, divisor)
                     parts.append(part if weight == 1.0 else part * weight)
             if not parts:
                 return xp.zeros((), dtype=acc)
             return xp.sum(self.stack(parts))
 
-    def _leaf_sum(self, x: Any, p: float, acc: Any, scale: Any) -> Any:
+    def _leaf_sum(self, x: Any, p: float, acc: Any, divisor: Any) -> Any:
         xp = self.xp
         flat = xp.astype(xp.reshape(x, (-1,)), acc, copy=False)
-        if scale is not None:
-            flat = flat * scale
+        if divisor is not None:
+            flat = flat / divisor
         n = flat.shape[0]
         rows = n // BLOCK
         total = xp.zeros((), dtype=acc)
@@ -237,10 +239,15 @@ class Kernels:
     def _scaled(self, leaf: Any, factor: Any) -> Any:
         xp = self.xp
         work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
-        factor = xp.astype(self.on_device_of(factor, leaf), work)
-        if leaf.dtype == work:
-            return leaf * factor
-        return xp.astype(xp.astype(leaf, work) * factor, leaf.dtype)
+        product = leaf if leaf.dtype == work else xp.astype(leaf, work)
+        known = self.peek(factor) if work == xp.float32 else None
+        if known is not None:  # one factor, or two where float32 cannot hold it
+            parts = [xp.asarray(part, dtype=work, **self.placement(leaf)) for part in split(known)]
+        else:
+            parts = [xp.astype(self.on_device_of(factor, leaf), work)]
+        for part in parts:
+            product = product * part
+        return product if leaf.dtype == work else xp.astype(product, leaf.dtype)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
         """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
@@ -275,6 +282,19 @@ class Kernels:
         xp = self.xp
         bounds = [self.value_bound(leaf.dtype, clip_value) for leaf in batch.leaves]
         return [xp.clip(leaf, -b, b) for leaf, b in zip(batch.leaves, bounds, strict=True)]
+
+
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def split(factor: float) -> tuple[float, ...]:
+    """A factor below float32's normal range (the clip of a norm beyond float32's), as
+    two within it whose product it is: rounded to float32 it would lose its digits, or
+    become 0, though the values it gives are in range. Any other factor as itself."""
+    if 0 < factor < FLOAT32_TINY:
+        first = math.sqrt(factor)
+        return (first, factor / first)
+    return (factor,)
 
 
 def weighted_leaves(batch: Batch) -> list[tuple[float, Any]]:

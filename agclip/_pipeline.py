@@ -106,9 +106,7 @@ def total_norm(k: Kernels, batch: Batch, p: float, reduce: Reduction = LOCAL) ->
         return by_largest(
             k,
             reduce.max(k.max_abs(batch, acc)),
-            lambda divisor: root(
-                k, reduce.sum(k.sum_of_powers(batch, p, acc, scale=1.0 / divisor)), p
-            ),
+            lambda divisor: root(k, reduce.sum(k.sum_of_powers(batch, p, acc, divisor=divisor)), p),
             otherwise=lambda: root(k, total, p),
         )
 
@@ -152,8 +150,11 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
         # The derivative of 1 / d is -1 / d**2, which leaves float32 at norms ~1e20
         # (and drops the norm's own term): divide both sides by a constant copy of d
         # first, so that autodiff only ever meets numbers near 1 / d and 1.
-        usable = xp.isfinite(denominator)
-        unit = k.constant(xp.where(usable, 1.0 / denominator, xp.ones_like(denominator)))
+        # Not where 1 / d is 0: flushed (d above ~8.5e37 in float32, where denormals
+        # are flushed), it would make 0 / 0.
+        unit = 1.0 / denominator
+        usable = xp.isfinite(denominator) & (unit > 0)
+        unit = k.constant(xp.where(usable, unit, xp.ones_like(denominator)))
         numerator, denominator = max_norm * unit, denominator * unit
     with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
         return xp.clip(numerator / denominator, max=1.0)

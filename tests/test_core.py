@@ -103,6 +103,36 @@ def test_huge_finite_gradients_any_ord(backend: Backend, ord: float) -> None:
     assert_close(norm, 1e30 * 8 ** (1 / ord), backend, dtype="float32", rtol=2e-6)
 
 
+def test_gradients_near_float32s_largest_give_their_norm(backend: Backend) -> None:
+    """Ten values of 1e38: their norm (3.2e38) fits float32, 1 / 1e38 is subnormal.
+    (A float32 accumulator, JAX's without x64, flushed it to 0: the norm read 0, and
+    the clip at max_norm 1 made 0 / 0.)"""
+    grads = [backend.asarray(np.full(10, 1e38))]
+    want = math.sqrt(10) * 1e38
+    assert_close(backend.call(agclip.global_norm, grads), want, backend, dtype="float32", rtol=1e-6)
+    clipped, norm = backend.call(agclip.clip_by_global_norm, grads, max_norm=10.0)
+    assert_close(norm, want, backend, dtype="float32", rtol=1e-6)
+    assert_close(clipped[0], np.full(10, math.sqrt(10)), backend, dtype="float32", rtol=1e-6)
+    clipped, _ = backend.call(agclip.clip_by_global_norm, grads, max_norm=1.0)
+    assert np.isfinite(backend.to_numpy(clipped[0])).all()
+
+
+@pytest.mark.skip_backends(
+    "array_api_strict",
+    "jax",
+    "jax_jit",
+    reason="the factor is not read on the host there (and JAX without x64 computes it "
+    "in float32): one below float32's normal range is rounded to float32",
+)
+def test_a_factor_below_float32s_range_still_clips(backend: Backend) -> None:
+    """Clipped to 1e-10, ten values of 1e38 take a factor of 3e-49, which float32
+    cannot hold; the values it gives (3.2e-11) it can."""
+    grads = [backend.asarray(np.full(10, 1e38))]
+    clipped, _ = backend.call(agclip.clip_by_global_norm, grads, max_norm=1e-10)
+    want = np.full(10, 1e-10 / math.sqrt(10))
+    assert_close(clipped[0], want, backend, dtype="float32", rtol=1e-6)
+
+
 @pytest.mark.parametrize(("bad", "want"), [(np.nan, np.nan), (np.inf, np.inf)])
 @pytest.mark.parametrize("ord", [2, 1, math.inf])
 def test_nonfinite_gradients_give_nonfinite_norm(

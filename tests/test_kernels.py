@@ -70,9 +70,9 @@ def test_sum_of_powers_override_matches_generic(lib: str, p: float, dtype: str) 
     # within ~1e-6 of float64's, a little more for p = 3.
     want = _f64(generic.sum_of_powers(theirs, p, acc))
     assert math.isclose(_f64(fast.sum_of_powers(ours, p, acc)), want, rel_tol=2e-6)
-    scale = xp.asarray(0.25, dtype=acc)
-    want_scaled = _f64(generic.sum_of_powers(theirs, p, acc, scale=scale))
-    got_scaled = _f64(fast.sum_of_powers(ours, p, acc, scale=scale))
+    divisor = xp.asarray(4.0, dtype=acc)
+    want_scaled = _f64(generic.sum_of_powers(theirs, p, acc, divisor=divisor))
+    got_scaled = _f64(fast.sum_of_powers(ours, p, acc, divisor=divisor))
     assert math.isclose(got_scaled, want_scaled, rel_tol=2e-6)
 
 

@@ -24,13 +24,13 @@ class JaxKernels(Kernels):
         x64 = jax.config.read("jax_enable_x64")
         return jnp.float64 if x64 else jnp.float32
 
-    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, divisor: Any = None) -> Any:
         # The partial sums meet in a compensated pairwise sum: a float32 sum of
         # thousands of them would drift by ~1e-5.
         parts = []
         for weight, leaves in _by_weight(batch):
             for x in _pieces(leaves, acc):
-                part = jnp.sum(pow_abs(jnp, x if scale is None else x * scale, p))
+                part = jnp.sum(pow_abs(jnp, x if divisor is None else x / divisor, p))
                 parts.append(part if weight == 1.0 else part * weight)
         return _compensated_sum(jnp.stack(parts)) if parts else jnp.zeros((), acc)
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import optree
 
-from .._kernels import L2, Batch, Kernels, pow_abs, quiet, weighted_leaves
+from .._kernels import L2, Batch, Kernels, pow_abs, quiet, split, weighted_leaves
 
 # Elements per block: one BLAS call per 256 KiB of float32 keeps the float32
 # partial sums short (relative error ~1e-8 on 4e7 values), close to the speed of
@@ -25,33 +25,35 @@ class NumpyKernels(Kernels):
         # Blocks are summed in float32; the guard is one host check, so always keep it.
         return True
 
-    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, divisor: Any = None) -> Any:
         total = 0.0  # Python float: partial sums combine in float64
         with quiet():
             for weight, leaf in weighted_leaves(batch):
-                total += weight * self._array_sum(np.asarray(leaf), p, scale)
+                total += weight * self._array_sum(np.asarray(leaf), p, divisor)
         return np.asarray(total, dtype=acc)
 
-    def _array_sum(self, x: np.ndarray, p: float, scale: Any) -> float:
+    def _array_sum(self, x: np.ndarray, p: float, divisor: Any) -> float:
         flat = x.reshape(-1)
         work = _work_dtype(x)
-        if p == L2 and scale is None and x.dtype == work:
+        if p == L2 and divisor is None and x.dtype == work:
             return sum(
                 float(np.dot(block, block))
                 for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))
             )
-        if scale is not None:
-            work = np.float64  # the rare rescaled pass: 1 / a subnormal peak overflows float32
-        factor: np.ndarray | None = None if scale is None else np.asarray(scale, dtype=work)
+        if divisor is not None:
+            work = (
+                np.float64
+            )  # the rare rescaled pass: divided by a subnormal peak, float32 overflows
+        by: np.ndarray | None = None if divisor is None else np.asarray(divisor, dtype=work)
         buf: np.ndarray = np.empty(min(flat.size, NP_BLOCK), dtype=work)
         total = 0.0
         for start in range(0, flat.size, NP_BLOCK):
             block = flat[start : start + NP_BLOCK]
             tmp = buf[: block.size]
-            if factor is None:
+            if by is None:
                 tmp[...] = block
             else:
-                np.multiply(block, factor, out=tmp, casting="same_kind")
+                np.divide(block, by, out=tmp, casting="same_kind")
             total += float(np.sum(pow_abs(np, tmp, p)))
         return total
 
@@ -68,9 +70,9 @@ class NumpyKernels(Kernels):
                 work = _work_dtype(leaf)
                 # dtype= pins the loop to float32 for 16-bit leaves on every NumPy
                 # (1.x would otherwise cast the factor to float16 first).
-                np.multiply(
-                    leaf, np.asarray(factor, dtype=work), out=leaf, dtype=work, casting="same_kind"
-                )
+                for part in split(float(factor)) if work == np.float32 else (factor,):
+                    by: np.ndarray = np.asarray(part, dtype=work)
+                    np.multiply(leaf, by, out=leaf, dtype=work, casting="same_kind")
 
     def clip_values_(self, batch: Batch, clip_value: Any) -> None:
         """In place with ``np.clip(out=)``; every bound computed before the first write."""

@@ -17,14 +17,13 @@ Under ``torch.compile`` nothing is read on the host either: the graph stays whol
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .._kernels import BLOCK, L2, Batch, Kernels
+from .._kernels import BLOCK, FLOAT32_TINY, L2, Batch, Kernels, split
 
 # Tensors up to this many elements are reduced together by one _foreach_norm call: a
 # call per tensor would cost a small model more than reading its gradients. Their
@@ -50,19 +49,11 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 def _factors_for(like: torch.Tensor, factor: torch.Tensor) -> list[torch.Tensor]:
     """The 0-d factor on ``like``'s device in its work dtype: the multiply rounds it
     to that dtype anyway, and a float64 factor makes a CPU multiply of float32 values
-    slower. A factor below float32's normal range (the clip of a norm beyond float32's)
-    would lose its digits there, or become 0: where it can be read for free, it is
-    split into two factors within the range, applied one after the other."""
+    slower. Where it can be read for free and float32 cannot hold it, two (``split``)."""
     work = _work_dtype(like.dtype)
-    if work == torch.float32 and host_readable(factor) and 0 < float(factor) < _TINY32:
-        first = math.sqrt(float(factor))
-        return [
-            torch.tensor(f, dtype=work, device=like.device) for f in (first, float(factor) / first)
-        ]
+    if work == torch.float32 and host_readable(factor) and 0 < float(factor) < FLOAT32_TINY:
+        return [torch.tensor(part, dtype=work, device=like.device) for part in split(float(factor))]
     return [factor.to(like.device, work)]
-
-
-_TINY32 = torch.finfo(torch.float32).tiny
 
 
 def host_readable(x: torch.Tensor) -> bool:
@@ -99,11 +90,13 @@ class TorchKernels(Kernels):
             dtypes, p, acc
         )
 
-    def sum_of_powers(self, batch: Batch, p: float, acc: Any, scale: Any = None) -> Any:
+    def sum_of_powers(self, batch: Batch, p: float, acc: Any, divisor: Any = None) -> Any:
         parts = []
         weights = batch.weights or [1.0] * len(batch.groups)
         for group, weight in zip(batch.groups, weights, strict=True):
-            tensors = group if scale is None else [t.to(acc) * scale.to(t.device) for t in group]
+            tensors = (
+                group if divisor is None else [t.to(acc) / divisor.to(t.device) for t in group]
+            )
             if tensors[0].is_cpu:
                 part = self._cpu_sum(tensors, p, acc)
             else:
