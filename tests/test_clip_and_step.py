@@ -501,6 +501,11 @@ class _StepNeedsAFunction(torch.optim.SGD):
         return super().step(fn)
 
 
+class _WrapperNeedingAFunction(Wrapper):
+    def step(self, fn: Any) -> None:  # type: ignore[override]
+        self.optimizer.step()
+
+
 def _lbfgs(params: Any) -> Any:
     return torch.optim.LBFGS(params)
 
@@ -517,8 +522,13 @@ def _step_replaced(params: Any) -> Any:
 
 @pytest.mark.parametrize(
     "make",
-    [_lbfgs, lambda ps: _StepNeedsAFunction(ps, lr=0.1), _step_replaced],
-    ids=["LBFGS", "step(fn)", "instance step(closure)"],
+    [
+        _lbfgs,
+        lambda ps: _StepNeedsAFunction(ps, lr=0.1),
+        _step_replaced,
+        lambda ps: _WrapperNeedingAFunction(torch.optim.SGD(ps, lr=0.1)),
+    ],
+    ids=["LBFGS", "step(fn)", "instance step(closure)", "wrapper step(fn)"],
 )
 def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_clipping(
     make: Callable[[Any], Any],

@@ -337,7 +337,8 @@ def clip_then_step(
     by ``rule`` and take the step, in one call. The parameters are named by
     ``names_for``, else by the optimizer (built from named parameters)."""
     inner, k = real_optimizer(optimizer), kernels(foreach)
-    check_steps_without_closure(inner)
+    for stepped in (optimizer, inner) if optimizer is not inner else (inner,):
+        check_steps_without_closure(stepped)  # the wrapper's step is the one called
     params = optimizer_params(inner)
     names = optimizer_names(inner, params) if names_for is None else names_for(params)
     check_names_for(rule, names)
