@@ -234,26 +234,33 @@ class Kernels:
         first would lose its digits or flush to zero.
         """
         with self.quiet():
-            return [self._scaled(leaf, factor) for leaf in batch.leaves]
+            halves = self._halves(factor)
+            return [self._scaled(leaf, factor, halves) for leaf in batch.leaves]
 
-    def _scaled(self, leaf: Any, factor: Any) -> Any:
+    def _halves(self, factor: Any) -> tuple[float, ...] | None:
+        """A factor below float32's normal range as two within it, where it can be read
+        for free (``split``); ``None`` for any other."""
+        known = self.peek(factor)
+        halves = None if known is None else split(known)
+        return halves if halves is not None and len(halves) > 1 else None
+
+    def _scaled(self, leaf: Any, factor: Any, halves: tuple[float, ...] | None) -> Any:
         xp = self.xp
         work = xp.float64 if leaf.dtype == xp.float64 else xp.float32
         product = leaf if leaf.dtype == work else xp.astype(leaf, work)
-        known = self.peek(factor) if work == xp.float32 else None
-        if known is not None:  # one factor, or two where float32 cannot hold it
-            parts = [xp.asarray(part, dtype=work, **self.placement(leaf)) for part in split(known)]
+        if halves is not None and work == xp.float32:
+            for half in halves:
+                product = product * xp.asarray(half, dtype=work, **self.placement(leaf))
         else:
-            parts = [xp.astype(self.on_device_of(factor, leaf), work)]
-        for part in parts:
-            product = product * part
+            product = product * xp.astype(self.on_device_of(factor, leaf), work)
         return product if leaf.dtype == work else xp.astype(product, leaf.dtype)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
         """Multiply each leaf by ``factor`` in place (libraries with item assignment)."""
         with self.quiet():
+            halves = self._halves(factor)
             for leaf in batch.leaves:
-                leaf[...] = self._scaled(leaf, factor)
+                leaf[...] = self._scaled(leaf, factor, halves)
 
     def placement(self, like: Any) -> dict[str, Any]:
         """Keyword arguments that create an array on ``like``'s device."""

@@ -127,11 +127,14 @@ def by_largest(
 
     The norm is homogeneous, so its derivative through the divisor is zero: the
     divisor is a constant to autodiff, whose chain through ``1 / peak`` would meet
-    the very overflow (or underflow) this avoids, and turn 0 * inf into NaN.
+    the very overflow (or underflow) this avoids, and turn 0 * inf into NaN. It is
+    kept within [smallest normal, 1 / smallest normal] (exact powers of two): XLA
+    turns ``x / d`` into ``x * (1 / d)``, and flushes a subnormal ``1 / d`` to 0.
     """
     xp = k.xp
     usable = xp.isfinite(peak) & (peak > 0)
-    divisor = k.constant(xp.where(usable, peak, xp.ones_like(peak)))
+    tiny = float(xp.finfo(peak.dtype).smallest_normal)
+    divisor = k.constant(xp.clip(xp.where(usable, peak, xp.ones_like(peak)), tiny, 1 / tiny))
     return k.select(usable, lambda: divisor * norm_of_scaled(divisor), otherwise)
 
 
@@ -150,11 +153,12 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
         # The derivative of 1 / d is -1 / d**2, which leaves float32 at norms ~1e20
         # (and drops the norm's own term): divide both sides by a constant copy of d
         # first, so that autodiff only ever meets numbers near 1 / d and 1.
-        # Not where 1 / d is 0: flushed (d above ~8.5e37 in float32, where denormals
-        # are flushed), it would make 0 / 0.
-        unit = 1.0 / denominator
-        usable = xp.isfinite(denominator) & (unit > 0)
-        unit = k.constant(xp.where(usable, unit, xp.ones_like(denominator)))
+        # (d capped at 1 / the smallest normal number: a subnormal 1 / d, which XLA
+        # flushes to 0, would make 0 / 0.)
+        tiny = float(xp.finfo(norm.dtype).smallest_normal)
+        usable = xp.isfinite(denominator)
+        capped = xp.clip(xp.where(usable, denominator, xp.ones_like(denominator)), max=1 / tiny)
+        unit = k.constant(1.0 / capped)
         numerator, denominator = max_norm * unit, denominator * unit
     with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
         return xp.clip(numerator / denominator, max=1.0)

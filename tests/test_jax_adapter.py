@@ -117,6 +117,18 @@ def test_vmap_gives_per_example_clipping() -> None:
     np.testing.assert_allclose(np.asarray(state.norm), [5.0, 0.5], rtol=1e-6)
 
 
+def test_vmap_of_values_near_float32s_largest_gives_their_norm() -> None:
+    """Ten values of 1e38 per example (norm 3.2e38): under vmap XLA turns the guard's
+    division into a multiplication by the inverse, which is subnormal unless capped."""
+    grads = jnp.full((3, 10), 1e38, dtype=jnp.float32)
+    tx = agj.clip_by_global_norm(10.0)
+    out, state = jax.vmap(lambda g: tx.update({"g": g}, tx.init(None)))(grads)
+    np.testing.assert_allclose(np.asarray(state.norm), [math.sqrt(10) * 1e38] * 3, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["g"]), math.sqrt(10), rtol=1e-6)
+    grad = jax.grad(lambda g: tx.update({"g": g}, None)[0]["g"][0])(grads[0])
+    assert np.all(np.isfinite(np.asarray(grad)))
+
+
 @pytest.mark.parametrize("at", [0.0, 1.0, 100.0])
 def test_gradients_through_the_clip_are_finite(at: float) -> None:
     tx = agj.clip_by_global_norm(1.0)
