@@ -152,14 +152,16 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     if k.differentiable(norm):
         # The derivative of 1 / d is -1 / d**2, which leaves float32 at norms ~1e20
         # (and drops the norm's own term): divide both sides by a constant copy of d
-        # first, so that autodiff only ever meets numbers near 1 / d and 1.
-        # (d capped at 1 / the smallest normal number: a subnormal 1 / d, which XLA
-        # flushes to 0, would make 0 / 0.)
+        # first, so that autodiff only ever meets numbers near 1 / d and 1. Only where
+        # the factor is below 1 (elsewhere d is 1 here: max_norm / a tiny d, clipped
+        # to 1, would still pass 0 * inf = NaN back), and with d capped at 1 / the
+        # smallest normal number (a subnormal 1 / d, which XLA flushes to 0, made 0 / 0).
+        clipping = ~(denominator <= max_norm)  # NaN included: it flows through
+        d = xp.where(clipping, denominator, xp.ones_like(denominator))
+        finite = xp.where(xp.isfinite(d), d, xp.ones_like(d))
         tiny = float(xp.finfo(norm.dtype).smallest_normal)
-        usable = xp.isfinite(denominator)
-        capped = xp.clip(xp.where(usable, denominator, xp.ones_like(denominator)), max=1 / tiny)
-        unit = k.constant(1.0 / capped)
-        numerator, denominator = max_norm * unit, denominator * unit
+        unit = k.constant(1.0 / xp.clip(finite, max=1 / tiny))
+        return xp.where(clipping, (max_norm * unit) / (d * unit), xp.ones_like(d))
     with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1
         return xp.clip(numerator / denominator, max=1.0)
 

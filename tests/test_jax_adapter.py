@@ -129,6 +129,18 @@ def test_vmap_of_values_near_float32s_largest_gives_their_norm() -> None:
     assert np.all(np.isfinite(np.asarray(grad)))
 
 
+@pytest.mark.parametrize(("value", "ord"), [(0.0, math.inf), (2e-38, math.inf), (1e-30, 2.0)])
+def test_with_nothing_to_clip_the_derivative_is_the_identity_even_with_eps_zero(
+    value: float, ord: float
+) -> None:
+    """max_norm / norm beyond float32 (eps=0): the factor is 1, and no inf meets the
+    clip's zero derivative (which made NaN)."""
+    grad = jax.grad(
+        lambda x: jnp.sum(agclip.clip_by_global_norm([x], 1e10, ord=ord, eps=0.0)[0][0])
+    )(jnp.full(3, value))
+    np.testing.assert_array_equal(np.asarray(grad), [1.0, 1.0, 1.0])
+
+
 @pytest.mark.parametrize("at", [0.0, 1.0, 100.0])
 def test_gradients_through_the_clip_are_finite(at: float) -> None:
     tx = agj.clip_by_global_norm(1.0)

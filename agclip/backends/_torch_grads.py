@@ -51,7 +51,7 @@ def as_list(tensors: TensorOrTensors) -> list[Any]:
     if isinstance(tensors, torch.Tensor):
         return [tensors]
     given = list(tensors)
-    return given if len({id(t) for t in given}) == len(given) else list(dict.fromkeys(given))
+    return given if len(set(map(id, given))) == len(given) else list(dict.fromkeys(given))
 
 
 def parameters_list(parameters: TensorOrTensors) -> list[Any]:
