@@ -153,8 +153,7 @@ class Kernels:
     # -- reductions -------------------------------------------------------
     def sum_of_powers(self, batch: Batch, p: float, acc: Any, divisor: Any = None) -> Any:
         """sum over leaves of sum(|x / divisor|**p), accumulated in ``acc``; a 0-d array.
-        (Divided, not multiplied by 1 / divisor: that is subnormal for a divisor above
-        ~8.5e37 in float32, and flushed to 0 where denormals are.)"""
+        (The caller keeps ``1 / divisor`` a normal number: XLA may multiply by it.)"""
         xp = self.xp
         with self.quiet():
             parts = []

@@ -40,10 +40,8 @@ class NumpyKernels(Kernels):
                 float(np.dot(block, block))
                 for block in (flat[i : i + NP_BLOCK] for i in range(0, flat.size, NP_BLOCK))
             )
-        if divisor is not None:
-            work = (
-                np.float64
-            )  # the rare rescaled pass: divided by a subnormal peak, float32 overflows
+        if divisor is not None:  # the rare rescaled pass: by a subnormal, float32 overflows
+            work = np.float64
         by: np.ndarray | None = None if divisor is None else np.asarray(divisor, dtype=work)
         buf: np.ndarray = np.empty(min(flat.size, NP_BLOCK), dtype=work)
         total = 0.0
