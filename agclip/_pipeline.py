@@ -146,8 +146,8 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     """
     xp = k.xp
     numerator, denominator = max_norm, norm + eps
-    if not (isinstance(eps, (int, float)) and eps > 0):  # eps may be 0, or traced
-        tiny = float(xp.finfo(norm.dtype).smallest_normal)
+    tiny = float(xp.finfo(norm.dtype).smallest_normal)
+    if not (isinstance(eps, (int, float)) and eps >= tiny):  # eps may be 0, tiny, traced
         denominator = xp.maximum(denominator, xp.full_like(norm, tiny))
     if k.differentiable(norm):
         # The derivative of 1 / d is -1 / d**2, which leaves float32 at norms ~1e20
@@ -156,10 +156,10 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
         # the factor is below 1 (elsewhere d is 1 here: max_norm / a tiny d, clipped
         # to 1, would still pass 0 * inf = NaN back), and with d capped at 1 / the
         # smallest normal number (a subnormal 1 / d, which XLA flushes to 0, made 0 / 0).
-        clipping = ~(denominator <= max_norm)  # NaN included: it flows through
+        # NaN, and inf / inf (NaN in the plain form), included: they flow through.
+        clipping = ~(denominator <= max_norm) | xp.isinf(denominator)
         d = xp.where(clipping, denominator, xp.ones_like(denominator))
         finite = xp.where(xp.isfinite(d), d, xp.ones_like(d))
-        tiny = float(xp.finfo(norm.dtype).smallest_normal)
         unit = k.constant(1.0 / xp.clip(finite, max=1 / tiny))
         return xp.where(clipping, (max_norm * unit) / (d * unit), xp.ones_like(d))
     with k.quiet():  # max_norm / tiny may overflow to inf, which the clip turns into 1

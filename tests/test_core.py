@@ -117,6 +117,13 @@ def test_gradients_near_float32s_largest_give_their_norm(backend: Backend) -> No
     assert np.isfinite(backend.to_numpy(clipped[0])).all()
 
 
+def test_an_infinite_norm_with_an_infinite_max_norm_is_nan_on_every_path(backend: Backend) -> None:
+    """min(1, inf / inf) is NaN: the autodiff-safe form (JAX, torch autograd) agrees."""
+    grads = [backend.asarray([math.inf, 1.0])]
+    clipped, _ = backend.call(agclip.clip_by_global_norm, grads, max_norm=math.inf)
+    assert np.isnan(backend.to_numpy(clipped[0])).all()
+
+
 @pytest.mark.skip_backends(
     "array_api_strict",
     "jax",
