@@ -145,6 +145,8 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     number, so a zero norm gives 1 (or 0 for ``max_norm=0``), never NaN.
     """
     xp = k.xp
+    if not isinstance(max_norm, (int, float)):  # traced or on a device: unchecked, and a
+        max_norm = xp.clip(max_norm, min=0.0)  # schedule's rounding can dip below 0
     numerator, denominator = max_norm, norm + eps
     tiny = float(xp.finfo(norm.dtype).smallest_normal)
     if not (isinstance(eps, (int, float)) and eps >= tiny):  # eps may be 0, tiny, traced

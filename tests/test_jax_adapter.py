@@ -141,6 +141,19 @@ def test_with_nothing_to_clip_the_derivative_is_the_identity_even_with_eps_zero(
     np.testing.assert_array_equal(np.asarray(grad), [1.0, 1.0, 1.0])
 
 
+def test_a_schedule_rounding_below_zero_zeroes_the_update_not_flips_it() -> None:
+    """A linear schedule down to 0 ends at -1.5e-7 under jit (float rounding); a traced
+    max_norm cannot be checked, and below 0 it counts as 0."""
+    schedule = optax.linear_schedule(10.0, 0.0, 10)
+    tx = optax.inject_hyperparams(agj.clip_by_global_norm)(max_norm=schedule)
+    grads = {"a": jnp.asarray([3.0, 4.0])}
+    state, update = tx.init(grads), jax.jit(tx.update)
+    for _ in range(11):
+        out, state = update(grads, state)
+    assert float(state.hyperparams["max_norm"]) < 0
+    np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 0.0])
+
+
 @pytest.mark.parametrize("at", [0.0, 1.0, 100.0])
 def test_gradients_through_the_clip_are_finite(at: float) -> None:
     tx = agj.clip_by_global_norm(1.0)
