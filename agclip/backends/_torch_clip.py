@@ -188,18 +188,16 @@ def loss_scale(scaler: Any, optimizer: Any) -> torch.Tensor | None:
     return None if scale is None else scale.double()
 
 
-def fuses_scaling(optimizer: Any) -> bool:
+def fuses_scaling(optimizer: Any, params: list[Any]) -> bool:
     """Whether ``optimizer.step()`` applies ``grad_scale`` / ``found_inf`` itself, and
     neither is set already (a GradScaler's or the caller's). Not where the step would
     not see them as set here: a group not fused (its step refuses them), a step
-    pre-hook (it would read the gradients unclipped), or a compiled caller (the traced
-    step does not see attributes set just before it)."""
+    pre-hook (it would read the gradients unclipped), a compiled caller (the traced
+    step does not see attributes set just before it), or a parameter listed twice
+    (``params`` holds each once: its gradient would be divided twice)."""
     groups = optimizer.param_groups
     fused = all(group.get("fused") for group in groups)
-    # A parameter listed twice would have its gradient divided by grad_scale twice.
-    once = len({id(p) for group in groups for p in group["params"]}) == sum(
-        len(group["params"]) for group in groups
-    )
+    once = len(params) == sum(len(group["params"]) for group in groups)
     supports = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
     free = not (hasattr(optimizer, "grad_scale") or hasattr(optimizer, "found_inf"))
     hooked = bool(getattr(optimizer, "_optimizer_step_pre_hooks", None)) or bool(
@@ -238,7 +236,9 @@ def wrapper_scaler(optimizer: Any) -> Any:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def step_after(k: Kernels, decision: Decision, optimizer: Any, inner: Any, scaler: Any) -> None:
+def step_after(
+    k: Kernels, decision: Decision, optimizer: Any, inner: Any, scaler: Any, params: list[Any]
+) -> None:
     """Apply the decision and step, once: the factor inside a fused step where it can
     ride there, else the gradients scaled here.
 
@@ -250,7 +250,7 @@ def step_after(k: Kernels, decision: Decision, optimizer: Any, inner: Any, scale
     """
     factor, norm = decision.factor, decision.norm
     scaled = (scaler is not None and scaler.is_enabled()) or wrapper_scaler(optimizer) is not None
-    fused = decision.units is None and fuses_scaling(inner)
+    fused = decision.units is None and fuses_scaling(inner, params)
     readable = host_readable(norm)
     # Read on the host where free, or where the skip must be decided here (one sync).
     finite = math.isfinite(float(norm)) if readable or not (fused or scaled) else None
@@ -353,5 +353,5 @@ def clip_then_step(
     if decision is None or not syncing:
         _step(optimizer, scaler)
     else:
-        step_after(k, decision, optimizer, inner, scaler)
+        step_after(k, decision, optimizer, inner, scaler, params)
     return k, decision

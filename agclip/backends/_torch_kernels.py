@@ -23,7 +23,7 @@ from typing import Any, cast
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .._kernels import BLOCK, FLOAT32_TINY, L2, Batch, Kernels, split
+from .._kernels import BLOCK, L2, Batch, Kernels
 
 # Tensors up to this many elements are reduced together by one _foreach_norm call: a
 # call per tensor would cost a small model more than reading its gradients. Their
@@ -46,13 +46,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _factors_for(like: torch.Tensor, factor: torch.Tensor) -> list[torch.Tensor]:
+def _factors_for(
+    like: torch.Tensor, factor: torch.Tensor, halves: tuple[float, ...] | None
+) -> list[torch.Tensor]:
     """The 0-d factor on ``like``'s device in its work dtype: the multiply rounds it
     to that dtype anyway, and a float64 factor makes a CPU multiply of float32 values
-    slower. Where it can be read for free and float32 cannot hold it, two (``split``)."""
+    slower. Where float32 cannot hold it, its ``halves`` (``Kernels._halves``)."""
     work = _work_dtype(like.dtype)
-    if work == torch.float32 and host_readable(factor) and 0 < float(factor) < FLOAT32_TINY:
-        return [torch.tensor(part, dtype=work, device=like.device) for part in split(float(factor))]
+    if halves is not None and work == torch.float32:
+        return [torch.tensor(half, dtype=work, device=like.device) for half in halves]
     return [factor.to(like.device, work)]
 
 
@@ -171,8 +173,9 @@ class TorchKernels(Kernels):
         return super().select(keep, value, fallback)
 
     def scale_(self, batch: Batch, factor: Any) -> None:
+        halves = self._halves(factor)
         for group in batch.groups:
-            for local in _factors_for(group[0], factor):
+            for local in _factors_for(group[0], factor, halves):
                 if self.foreach is False:
                     for tensor in group:
                         tensor.mul_(local)
