@@ -76,7 +76,8 @@ def check_threshold(name: str, value: Any, xp: ModuleType | None = None) -> Any:
 def _finite_non_negative(name: str, number: float, given: Any) -> float:
     if name == "max_norm" and number == math.inf:  # measure only
         return number
-    if not math.isfinite(number) or number < 0:
+    # not math.isfinite: under torch.compile a Python float argument is symbolic
+    if not (abs(number) < math.inf) or number < 0:
         allowed = "a number >= 0 (inf: measure only)" if name == "max_norm" else None
         raise ValueError(f"{name} must be {allowed or 'a finite number >= 0'}, got {given!r}")
     return number

@@ -72,6 +72,28 @@ def test_compiled_results_equal_eager(name: str, case: str, p: float) -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0, equal_nan=True)
 
 
+THRESHOLDED: dict[str, Callable[[list[Any], float], Any]] = {
+    "clip_grad_norm_": lambda ps, t: agt.clip_grad_norm_(ps, t),
+    "clip_grads_with_norm_": lambda ps, t: agt.clip_grads_with_norm_(ps, t, torch.tensor(7.0)),
+    "clip_grad_value_": lambda ps, t: agt.clip_grad_value_(ps, t),
+}
+
+
+@pytest.mark.parametrize("name", list(THRESHOLDED))
+def test_a_compiled_clip_takes_a_new_python_float_each_call(name: str) -> None:
+    """From its second value on, dynamo passes a Python float argument as a symbolic
+    float: the threshold's checks must trace it, and the results follow each value."""
+    torch._dynamo.reset()
+    compiled = torch.compile(THRESHOLDED[name], fullgraph=True, backend="aot_eager")
+    for value in (1.0, 0.5, 0.25, 3.0):
+        eager, ours = _grads(1.0), _grads(1.0)
+        want, got = THRESHOLDED[name](eager, value), compiled(ours, value)
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        for a, b in zip(ours, eager, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("make", [agt.ZClip, agt.AutoClip, agt.AdaGC])
 def test_the_rules_step_compiles_whole(make: Callable[[], Any]) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
