@@ -27,6 +27,7 @@ Examples:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from .._missing import missing
@@ -43,7 +44,7 @@ from .._pipeline import apply_factor, clip_coefficient, total_norm
 from .._typing import Scalar
 from .._zclip import ZCLIP
 from ._torch_callback import GradientClipCallback, NonFiniteGradientWarning
-from ._torch_clip import FixedThreshold, clip_then_step, decide_for
+from ._torch_clip import FixedThreshold, clip_then_step, decide_for, no_check
 from ._torch_distributed import distributed_batch
 from ._torch_grads import (
     EPS,
@@ -176,15 +177,9 @@ def clip_grad_norm_(
     """
     rule = FixedThreshold(threshold("max_norm", max_norm), norm_type_arg(norm_type))
     k = kernels(foreach)
+    check_for = partial(raise_if_nonfinite, k) if error_if_nonfinite else no_check
     decision = decide_for(
-        k,
-        parameters_list(parameters),
-        None,
-        rule,
-        process_group,
-        check_for=lambda grads, labels: (
-            raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
-        ),
+        k, parameters_list(parameters), None, rule, process_group, check_for=check_for
     )
     if decision is None:
         return empty_norm()
@@ -263,9 +258,7 @@ def clip_and_step(
         scaler=scaler,
         foreach=foreach,
         process_group=process_group,
-        check_for=lambda grads, labels: (
-            raise_if_nonfinite(k, grads, labels) if error_if_nonfinite else None
-        ),
+        check_for=partial(raise_if_nonfinite, k) if error_if_nonfinite else no_check,
     )
     return empty_norm() if decision is None else decision.returned_norm(k)
 
