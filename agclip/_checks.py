@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -142,6 +143,23 @@ def check_count(name: str, value: Any, low: int = 0) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return value
+
+
+def check_size(name: str, value: Any) -> int:
+    """Validate a size of a state (an int >= 1). It shapes arrays, so it must be known
+    when the state is made: a traced value is a ``TypeError`` saying so."""
+    try:
+        number = None if isinstance(value, (bool, float)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None and "int" in str(getattr(value, "dtype", "")):
+        raise TypeError(
+            f"{name} sets the size of the state, so it must be known when the state is "
+            f"made, not traced: with optax.inject_hyperparams pass static_args=({name!r},)"
+        )
+    if number is None or number < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return number
 
 
 def check_ord(value: Any, name: str = "ord") -> float:

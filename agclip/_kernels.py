@@ -272,7 +272,7 @@ class Kernels:
 
     # -- value clipping ---------------------------------------------------
     def value_bound(self, dtype: Any, clip_value: Any) -> Any:
-        """``clip_value`` capped at ``dtype``'s largest finite value.
+        """``clip_value`` within [0, ``dtype``'s largest finite value].
 
         A bound beyond the dtype's range clips nothing finite; capping it keeps
         the cast from overflowing (float16 has no 1e5), so one dtype group can
@@ -281,7 +281,9 @@ class Kernels:
         top = float(self.xp.finfo(dtype).max)
         if isinstance(clip_value, float):
             return min(clip_value, top)
-        return self.xp.astype(self.xp.minimum(clip_value, top), dtype)
+        # Traced or on a device: unchecked, and a schedule's rounding can dip below 0
+        # (a negative bound would set every element to it).
+        return self.xp.astype(self.xp.clip(clip_value, 0.0, top), dtype)
 
     def clip_values(self, batch: Batch, clip_value: Any) -> list[Any]:
         """Each leaf clipped into ``[-clip_value, clip_value]`` (new arrays); NaN stays NaN."""

@@ -266,11 +266,20 @@ def zero_nonfinite_leaves(k: Kernels, leaves: list[Any]) -> list[Any]:
 
 
 def unit_norms(k: Kernels, x: Any, axes: tuple[int, ...], p: float) -> Any:
-    """The p-norm of each unit of ``x`` (reduced over ``axes``, dimensions kept)."""
+    """The p-norm of each unit of ``x`` (reduced over ``axes``, dimensions kept), taken
+    on the unit divided by its largest magnitude: no power overflows or underflows
+    (finite gradients of 1e20 would otherwise read an inf norm, and be zeroed)."""
     xp = k.xp
+    peak = xp.max(xp.abs(x), axis=axes, keepdims=True)
     if math.isinf(p):
-        return xp.max(xp.abs(x), axis=axes, keepdims=True)
-    return root(k, xp.sum(pow_abs(xp, x, p), axis=axes, keepdims=True), p)
+        return peak
+    usable = xp.isfinite(peak) & (peak > 0)
+    tiny = float(xp.finfo(x.dtype).smallest_normal)
+    # A constant to autodiff (the norm is homogeneous), kept where 1 / divisor is normal.
+    divisor = k.constant(xp.clip(xp.where(usable, peak, xp.ones_like(peak)), tiny, 1 / tiny))
+    with k.quiet():
+        scaled = xp.sum(pow_abs(xp, x / divisor, p), axis=axes, keepdims=True)
+    return divisor * root(k, scaled, p)
 
 
 def clip_units_by_params(
@@ -288,6 +297,8 @@ def clip_units_by_params(
     ``clipping * max(its parameter norm, eps)``; ``skip``ped leaves pass unchanged.
     Norms and the scale are computed in float32 (float64 for float64 leaves)."""
     xp = k.xp
+    if not isinstance(clipping, (int, float)):  # traced or on a device: unchecked, and a
+        clipping = xp.clip(clipping, min=0.0)  # schedule's rounding can dip below 0
     out = []
     for grad, param, unit_axes, passed in zip(grads, params, axes, skip, strict=True):
         if passed:

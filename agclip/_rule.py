@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._checks import check_size
 from ._kernels import Kernels
 from ._pipeline import (
     LOCAL,
@@ -94,9 +95,13 @@ class RuleSpec:
         args = f"Args:\n{before}{hypers}\n{after}"
         return f"{head}\n\n{body}\n\n{args}\n{tail.strip()}\n\nReferences:\n{references}"
 
-    def window_of(self, kwargs: dict[str, Any]) -> Any:
-        """The state's size, popped from ``kwargs`` (its default when absent)."""
-        return kwargs.pop(self.window[0], self.window[1]) if self.window else None
+    def window_of(self, kwargs: dict[str, Any], *, unbounded: bool = False) -> int | None:
+        """The state's size, popped from ``kwargs`` (its default when absent) and checked;
+        ``None`` for a rule without one, or where ``unbounded`` allows ``None``."""
+        if not self.window:
+            return None
+        size = kwargs.pop(self.window[0], self.window[1])
+        return None if size is None and unbounded else check_size(self.window[0], size)
 
 
 # -- helpers of the specs' math ------------------------------------------------------

@@ -13,7 +13,7 @@ import array_api_compat as compat
 import numpy as np
 from array_api_compat import numpy as np_compat
 
-from ._checks import check_count, check_ord
+from ._checks import check_ord
 from ._dispatch import flatten_arrays, kernels_for
 from ._pipeline import LOCAL, Reduction
 from ._rule import RuleSpec, check_keys, clip_with_rule, leaf_keys
@@ -114,7 +114,7 @@ def functional_front(spec: RuleSpec) -> tuple[Callable[..., Any], Callable[..., 
         size = spec.window_of(window)
         if window:
             raise TypeError(f"{spec.name}_init got an unexpected argument {next(iter(window))!r}")
-        return functional_init(spec, grads, spec.window and check_count(spec.window[0], size, 1))
+        return functional_init(spec, grads, size)
 
     def step(grads: ArrayTree, state: Any, *, ord: Any = 2, **hypers: Any) -> tuple[ArrayTree, Any]:
         config, static, _ = spec.configure((), hypers, spec.name)

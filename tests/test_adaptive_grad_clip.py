@@ -63,6 +63,28 @@ def test_matches_the_float64_reference_on_every_backend(backend: Backend, layout
         assert_close(out[key], want, backend, dtype="float32", rtol=2e-6, atol=1e-7)
 
 
+def test_gradients_whose_squares_overflow_float32_are_clipped_not_zeroed(
+    backend: Backend,
+) -> None:
+    """Squares of 1e20 overflow float32: the unit norms read inf, and the gradients
+    were zeroed (the parameters' norms too: their units were left unclipped)."""
+    grads, params = _tree()
+    grads = {k: (v * 1e20).astype(np.float32) for k, v in grads.items()}
+    params = {k: (v * 1e20).astype(np.float32) for k, v in params.items()}
+    out = backend.call(
+        agclip.adaptive_grad_clip,
+        {k: backend.asarray(v) for k, v in grads.items()},
+        {k: backend.asarray(v) for k, v in params.items()},
+        0.05,
+        eps=0.0,
+        layout="torch",
+    )
+    for key, grad in grads.items():
+        axes = tuple(range(1, grad.ndim)) or (0,)
+        want = reference(grad, params[key], 0.05, 0.0, axes)
+        assert_close(out[key], want, backend, dtype="float32", rtol=2e-6, atol=0)
+
+
 def test_bad_arguments_are_clear_errors() -> None:
     grads, params = _tree()
     with pytest.raises(ValueError, match="layout must be"):

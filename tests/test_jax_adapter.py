@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -141,17 +142,36 @@ def test_with_nothing_to_clip_the_derivative_is_the_identity_even_with_eps_zero(
     np.testing.assert_array_equal(np.asarray(grad), [1.0, 1.0, 1.0])
 
 
-def test_a_schedule_rounding_below_zero_zeroes_the_update_not_flips_it() -> None:
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (agj.clip_by_global_norm, "max_norm"),
+        (agj.clip_by_value, "clip_value"),
+        (partial(agj.adaptive_grad_clip, layout="torch"), "clipping"),
+    ],
+)
+def test_a_schedule_rounding_below_zero_zeroes_the_update_not_flips_it(
+    make: Callable[..., Any], name: str
+) -> None:
     """A linear schedule down to 0 ends at -1.5e-7 under jit (float rounding); a traced
-    max_norm cannot be checked, and below 0 it counts as 0."""
+    threshold cannot be checked, and below 0 it counts as 0."""
     schedule = optax.linear_schedule(10.0, 0.0, 10)
-    tx = optax.inject_hyperparams(agj.clip_by_global_norm)(max_norm=schedule)
-    grads = {"a": jnp.asarray([3.0, 4.0])}
+    tx = optax.inject_hyperparams(make)(**{name: schedule})
+    grads = {"a": jnp.asarray([3.0, -4.0])}
     state, update = tx.init(grads), jax.jit(tx.update)
     for _ in range(11):
-        out, state = update(grads, state)
-    assert float(state.hyperparams["max_norm"]) < 0
-    np.testing.assert_array_equal(np.asarray(out["a"]), [0.0, 0.0])
+        out, state = update(grads, state, grads)
+    assert float(state.hyperparams[name]) < 0
+    np.testing.assert_array_equal(np.abs(np.asarray(out["a"])), [0.0, 0.0])
+
+
+def test_a_traced_history_is_a_clear_error_naming_static_args() -> None:
+    """``history`` shapes AutoClip's state: ``jit(init)`` cannot trace it."""
+    grads = {"a": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"static_args=\('history',\)"):
+        jax.jit(optax.inject_hyperparams(agj.autoclip)().init)(grads)
+    static = optax.inject_hyperparams(agj.autoclip, static_args=("history",))(history=7)
+    assert jax.jit(static.init)(grads).inner_state.history.shape == (7,)
 
 
 @pytest.mark.parametrize("at", [0.0, 1.0, 100.0])

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from .._checks import check_count, choice
+from .._checks import choice
 from .._kernels import Batch, Kernels
 from .._pipeline import LOCAL, norm_of_norms, total_norm
 from .._rule import RuleSpec, gathered, leaf_keys, rule_factor, scattered
@@ -83,14 +83,14 @@ class AdaptiveRule:
         **kwargs: Any,
     ):
         spec = self.spec
-        size = spec.window_of(kwargs)
+        size = spec.window_of(kwargs, unbounded=True)
         new_tensors = (
             kwargs.pop("new_tensors") if spec.per_tensor and "new_tensors" in kwargs else "error"
         )
         config, static, given = spec.configure(args, kwargs, type(self).__name__)
         object.__setattr__(self, "_views", {**config, **static, **given})
         self.config, self.static = config, static
-        self.window = None if size is None else check_count(spec.window[0], size, low=1)  # type: ignore[index]
+        self.window = size
         self.new_tensors = choice("new_tensors", new_tensors, ("error", "init"))
         self.norm_type = norm_type_arg(norm_type)
         self.foreach, self.process_group = foreach, process_group

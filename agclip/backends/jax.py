@@ -287,8 +287,7 @@ def optax_rule(spec: RuleSpec) -> Any:
     def factory(
         *args: Any, ord: Any = None, axis_name: Any = None, specs: Any = None, **kwargs: Any
     ) -> Any:
-        size = spec.window_of(kwargs)
-        window = spec.window and check_count(spec.window[0], size, low=1)
+        window = spec.window_of(kwargs)
         config, static, _ = spec.configure(args, kwargs, spec.name)
         p = order(ord)
         _check_specs(axis_name, specs)
