@@ -37,10 +37,27 @@ class AxisReduction(Reduction):
         return Batch(list(leaves), [[leaf] for leaf in leaves], [1.0 / c for c in copies])
 
     def sum(self, x: Any) -> Any:
-        return jax.lax.psum(x, self.axis_name)
+        return jax.lax.psum(_varying(x, self.axis_name), self.axis_name)
 
     def max(self, x: Any) -> Any:
-        return jax.lax.pmax(x, self.axis_name)
+        return jax.lax.pmax(_varying(x, self.axis_name), self.axis_name)
+
+
+def _varying(x: Any, axis_name: Any) -> Any:
+    """``x`` typed as varying over every axis of ``axis_name``. Under ``shard_map``'s
+    type checks (``check_vma``), a partial result of leaves replicated along an axis
+    is invariant there, and a collective over that axis refuses it; the copies are
+    already weighted (``prepare``), so summing them is what is meant."""
+    axes = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    aval = jax.typeof(x) if hasattr(jax, "typeof") else None
+    kind = getattr(aval, "manual_axis_type", None)  # newer JAX; ``aval.vma`` before
+    varying = getattr(kind, "varying", None) if kind is not None else getattr(aval, "vma", None)
+    missing = () if varying is None else tuple(a for a in axes if a not in varying)
+    if not missing:
+        return x
+    if hasattr(jax.lax, "pcast"):
+        return jax.lax.pcast(x, missing, to="varying")
+    return jax.lax.pvary(x, missing)
 
 
 def _axis_size(name: Any) -> int:
