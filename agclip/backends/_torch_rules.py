@@ -155,10 +155,10 @@ class AdaptiveRule:
         else:
             batch, reduce = distributed_batch(k, grads, process_group)
             norms, total = None, _unscaled(total_norm(k, batch, p, reduce), divisor)
-        if check is not None:
-            check(total)
         keys = leaf_keys(names(), grads.leaves) if spec.per_tensor else []
-        state = self._state(k, batch, keys)
+        state = self._state(k, batch, keys)  # may refuse new tensors: before the check,
+        if check is not None:  # which counts the step in a callback
+            check(total)
         factor, new = rule_factor(
             k, spec, norms, total, gathered(spec, state, keys, k.stack), self.config, self.static
         )
@@ -225,7 +225,7 @@ class AdaptiveRule:
 def _like(value: Any, like: Any) -> Any:
     if isinstance(like, dict):
         return {key: _like(value[key], like[key]) for key in value}
-    return torch.as_tensor(value).to(like.dtype)
+    return torch.as_tensor(value, dtype=like.dtype)  # not via float32 (JSON numbers)
 
 
 def _cast(state: Any, device: torch.device, dtype: torch.dtype) -> Any:
