@@ -277,6 +277,23 @@ def test_callback_clips_counts_and_returns_the_norm() -> None:
     }
 
 
+def test_callback_clips_a_layer_replaced_after_set_model() -> None:
+    """The model's parameters are read at every call, not kept from ``set_model``: a new
+    head (or layers built later, as in Lightning's ``configure_model``) is clipped."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cb = ag.GradientClipCallback(max_norm=1.0)
+    cb.set_model(model)
+    model[1] = torch.nn.Linear(4, 3)
+    model(torch.ones(2, 4)).pow(2).sum().mul(100).backward()
+    want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    torch.testing.assert_close(cb.on_after_backward(), want, rtol=1e-6, atol=0)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert float(after) <= 1.0 + 1e-6
+    model[1].weight.grad[0, 0] = math.nan
+    with pytest.warns(ag.NonFiniteGradientWarning, match=r"1\.weight"):
+        cb.on_after_backward()
+
+
 def test_callback_warns_with_parameter_names_or_raises() -> None:
     model = lstm_with_grads()
     model.head.weight.grad[0, 0] = math.inf

@@ -110,8 +110,6 @@ class GradientClipCallback:
         self.error_if_nonfinite, self.warn_nonfinite = error_if_nonfinite, warn_nonfinite
         self.check_every, self.foreach, self.process_group = check_every, foreach, process_group
         self._model: torch.nn.Module | None = None  # until set_model
-        self._params: list[torch.nn.Parameter] = []
-        self._names: list[str] = []
         self._last = LastClipped()
         self.steps = 0
         self._clipped: Any = 0  # tensors on the device once stepping
@@ -120,11 +118,11 @@ class GradientClipCallback:
         self.last_clipped: torch.Tensor | None = None  # whether the last step clipped
 
     def set_model(self, model: torch.nn.Module) -> None:
-        """Clip this model's parameters (named as in ``model.named_parameters()``)."""
+        """Clip this model's parameters (named as in ``model.named_parameters()``, read
+        at every call: layers replaced or built later count too)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._model = model
-        self._params, self._names = unzip_named(model.named_parameters())
 
     @torch.no_grad()
     def on_after_backward(self, optimizer: Any = None, *, scaler: Any = None) -> torch.Tensor:
@@ -143,13 +141,17 @@ class GradientClipCallback:
         a step that raises leaves ``steps`` and the gradients as they were.
         """
         inner = None if optimizer is None else real_optimizer(optimizer)
-        params = self._model_params() if inner is None else optimizer_params(inner)
+        if inner is None:
+            params, names = self._named_params()
+        else:
+            params = optimizer_params(inner)
+            names = self._named_like(params)
         k = kernels(self.foreach)
         divisor = loss_scale(scaler if scaler is not None else wrapper_scaler(optimizer), inner)
         decision = decide_for(
             k,
             params,
-            self._named_like(params),
+            names,
             self.rule,
             self.process_group,
             check_for=partial(self._observer, k),
@@ -179,15 +181,17 @@ class GradientClipCallback:
             return empty_norm() if decision is None else decision.returned_norm(k)
         return self._recorded(k, decision)
 
-    def _model_params(self) -> list[Any]:
+    def _named_params(self) -> tuple[list[Any], list[str]]:
+        """The model's parameters and names, read at every call: a layer replaced since
+        ``set_model``, or built after it (Lightning's ``configure_model``), counts too."""
         if self._model is None:
             raise RuntimeError("call set_model(model) before clipping")
-        return self._params
+        return unzip_named(self._model.named_parameters())
 
     def _named_like(self, params: list[Any]) -> list[str]:
         """The model's names of ``params`` (an optimizer may hold others)."""
-        names = dict(zip(map(id, self._model_params()), self._names, strict=True))
-        return [names.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
+        named = {id(param): name for param, name in zip(*self._named_params(), strict=True)}
+        return [named.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
 
     def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
         """The check between the norm and the first write: refuse (``error_if_nonfinite``),
