@@ -197,27 +197,109 @@ class TwoOptimizers(Regression):
 
 
 def test_each_optimizer_step_clips_that_optimizers_parameters() -> None:
-    class PerOptimizer(GradientClipping):
-        """The first optimizer clipped at 0.5, the second at 2.0 (its own limit)."""
-
-        first: Any
-        second: Any
-
-        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-            first = trainer.optimizers[0]
-            self.clipper = self.first if optimizer is first else self.second
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-
-    clipping = PerOptimizer(max_norm=1.0)
-    clipping.first, clipping.second = GradientClipping(0.5).clipper, GradientClipping(2.0).clipper
+    clipping = GradientClipping(max_norm=1.0)
+    # The first optimizer clipped at 0.5, the second at 2.0 (its own limit).
+    clipping.clippers = [GradientClipping(0.5).clipper, GradientClipping(2.0).clipper]
     ours, theirs = TwoOptimizers(ours=True), TwoOptimizers(ours=False)
-    for clipper in (clipping.first, clipping.second):
-        clipper.set_model(ours)
     _fit(ours, [clipping])
     _fit(theirs, [])
     for a, b in zip(_parameters(ours), _parameters(theirs), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert clipping.first.steps == clipping.second.steps == 4
+    assert clipping.clippers[0].steps == clipping.clippers[1].steps == 4
+
+
+@pytest.mark.parametrize("rule", ["ZClip", "AdaGC"])
+def test_each_optimizer_has_its_own_copy_of_an_adaptive_rule(rule: str) -> None:
+    """One rule shared by two optimizers would mix their norms in one set of statistics
+    (and AdaGC would meet the second optimizer's tensors as unknown ones)."""
+    import agclip.backends.torch as agt
+
+    given = getattr(agt, rule)(warmup_steps=2)
+    clipping = GradientClipping(max_norm=given)
+    module = TwoOptimizers(ours=True)
+    _fit(module, [clipping])
+    first, second = clipping.clippers
+    assert first.rule is given and second.rule is not given
+    assert first.steps == second.steps == 4
+    # Each state describes its optimizer's norms alone: replay them on fresh rules.
+    reference = TwoOptimizers(ours=True)
+    replay = [getattr(agt, rule)(warmup_steps=2) for _ in range(2)]
+    _fit(reference, [_Replay(replay)])
+    for clipper, twin in zip(clipping.clippers, replay, strict=True):
+        for a, b in zip(_state(clipper.rule), _state(twin), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class _Replay(pl.Callback):
+    """Each optimizer's own rule stepped on that optimizer's parameters."""
+
+    def __init__(self, rules: list[Any]):
+        self.rules = rules
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        index = trainer.optimizers.index(optimizer)
+        named = {id(p): n for n, p in pl_module.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.rules[index].step([(named[id(p)], p) for p in params])
+
+
+def _state(rule: Any) -> list[torch.Tensor]:
+    leaves = []
+    for value in rule.state:
+        leaves += list(value.values()) if isinstance(value, dict) else [value]
+    return leaves
+
+
+def test_the_clip_rate_is_a_share_of_steps_not_of_samples() -> None:
+    """Batches of 16, 16 and 1, only the last one clipping: 1 / 3 of the steps (Lightning
+    weights an epoch mean by the batch size it infers, which gave 1 / 33)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.full((32, 4), 0.001), torch.full((1, 4), 100.0)])
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x[:, :1]), 16)
+    clipping = GradientClipping(max_norm=1.0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        callbacks=[clipping],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Regression(scale=1.0), data)
+    assert clipping.clipper.stats()["clipped_steps"] == 1
+    rate = float(trainer.callback_metrics["grad_norm_clip_rate"])
+    assert math.isclose(rate, 1 / 3, rel_tol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_resumed_run_clips_as_an_uninterrupted_one(tmp_path: Any) -> None:
+    """The rule's state and the statistics go into Lightning's checkpoint."""
+    from agclip.backends.torch import ZClip
+
+    def fit(epochs: int, clipping: GradientClipping, root: Any, **options: Any) -> Any:
+        module = Regression()
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            callbacks=[clipping],
+            logger=False,
+            default_root_dir=root,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(module, _data(), **options)
+        return module
+
+    whole = GradientClipping(ZClip(warmup_steps=3))
+    straight = fit(3, whole, tmp_path / "straight")
+    fit(1, GradientClipping(ZClip(warmup_steps=3)), tmp_path / "split")
+    resumed_clipping = GradientClipping(ZClip(warmup_steps=3))
+    checkpoint = next((tmp_path / "split" / "checkpoints").glob("*.ckpt"))
+    resumed = fit(3, resumed_clipping, tmp_path / "split", ckpt_path=checkpoint)
+    for a, b in zip(_parameters(resumed), _parameters(straight), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed_clipping.clipper.stats() == whole.clipper.stats()
+    for a, b in zip(_state(resumed_clipping.clipper.rule), _state(whole.clipper.rule), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class FusedAdamW(Regression):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -247,6 +247,23 @@ class GradientClipCallback:
     def clip_rate(self) -> float:
         """The share of steps that clipped (reading it syncs)."""
         return self.clipped_steps / self.steps if self.steps else 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on as if uninterrupted: the statistics and the
+        rule's state (tensors; reading ``clipped_steps`` syncs)."""
+        rule = self.rule.state_dict() if isinstance(self.rule, AdaptiveRule) else {}
+        return {"steps": self.steps, "clipped_steps": self.clipped_steps, "rule": rule}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore what ``state_dict()`` saved (tensors, or plain numbers from JSON)."""
+        missing = {"steps", "clipped_steps", "rule"} - set(state_dict)
+        if missing:
+            raise ValueError(
+                f"GradientClipCallback.load_state_dict: no {', '.join(sorted(missing))}"
+            )
+        if isinstance(self.rule, AdaptiveRule):
+            self.rule.load_state_dict(state_dict["rule"])
+        self.steps, self._clipped = int(state_dict["steps"]), int(state_dict["clipped_steps"])
 
     def stats(self) -> dict[str, float | int | None]:
         """Steps, clipped steps, clip rate and last norm, as Python numbers."""

@@ -12,6 +12,7 @@ package (``lightning.pytorch``).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from .._missing import missing
@@ -41,9 +42,13 @@ class GradientClipping(Callback):
     The Trainer's own ``gradient_clip_val`` must be unset: clipping twice is
     refused at setup. Each optimizer step clips that optimizer's parameters (as
     Lightning's own ``clip_gradients``), with manual optimization and several
-    optimizers too. With ``precision="16-mixed"`` the clip is of the unscaled
-    gradients, a fused optimizer's too (whose gradients Lightning leaves scaled
-    until its step: Lightning's own clipping refuses that pair).
+    optimizers too: each optimizer has its own copy of an adaptive rule and its
+    own statistics (``clippers[i]``; logged with the suffix ``_i`` from the second
+    on). With ``precision="16-mixed"`` the clip is of the unscaled gradients, a
+    fused optimizer's too (whose gradients Lightning leaves scaled until its step:
+    Lightning's own clipping refuses that pair). The rules' states and the
+    statistics are saved in Lightning's checkpoints: a resumed run clips as an
+    uninterrupted one.
 
     Args:
         max_norm: the largest total gradient norm allowed, or an adaptive rule
@@ -71,9 +76,13 @@ class GradientClipping(Callback):
         name: str = "grad_norm",
     ):
         super().__init__()
-        self.clipper = GradientClipCallback(
-            max_norm, norm_type, error_if_nonfinite, warn_nonfinite=warn_nonfinite
-        )
+        # Each further optimizer gets a fresh copy of the rule as given (its own state).
+        self._rule = copy.deepcopy(max_norm) if isinstance(max_norm, AdaptiveRule) else max_norm
+        self._options = {"norm_type": norm_type, "error_if_nonfinite": error_if_nonfinite}
+        self._options["warn_nonfinite"] = warn_nonfinite
+        self.clipper = GradientClipCallback(max_norm, **self._options)
+        self.clippers = [self.clipper]  # one per optimizer, in the trainer's order
+        self._module: LightningModule | None = None
         self.log_norm = log_norm
         self.name = name
 
@@ -84,16 +93,38 @@ class GradientClipping(Callback):
                 "gradients a second time after agclip's GradientClipping: leave "
                 "gradient_clip_val unset (None or 0)."
             )
-        self.clipper.set_model(pl_module)
+        self._module = pl_module
+        for clipper in self.clippers:
+            clipper.set_model(pl_module)
+
+    def _clipper(self, index: int) -> GradientClipCallback:
+        while len(self.clippers) <= index:
+            clipper = GradientClipCallback(copy.deepcopy(self._rule), **self._options)
+            if self._module is not None:
+                clipper.set_model(self._module)
+            self.clippers.append(clipper)
+        return self.clippers[index]
 
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
         # This optimizer's parameters only (Lightning steps each optimizer on its own),
         # and unscaled: with 16-mixed a fused optimizer's gradients are still scaled here.
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        clipper = self._clipper(index)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        norm = self.clipper.on_after_backward(optimizer, scaler=scaler)
+        norm = clipper.on_after_backward(optimizer, scaler=scaler)
         if self.log_norm:
-            clipped = torch.as_tensor(self.clipper.last_clipped, dtype=torch.float32)
-            pl_module.log(self.name, norm, on_step=True, on_epoch=False)
-            pl_module.log(f"{self.name}_clip_rate", clipped, on_step=False, on_epoch=True)
+            name = self.name if index == 0 else f"{self.name}_{index}"
+            clipped = torch.as_tensor(clipper.last_clipped, dtype=torch.float32)
+            pl_module.log(name, norm, on_step=True, on_epoch=False, batch_size=1)
+            # batch_size=1: the epoch's rate is the share of steps, not of samples
+            pl_module.log(f"{name}_clip_rate", clipped, on_step=False, on_epoch=True, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Each optimizer's statistics and rule state, for Lightning's checkpoints."""
+        return {"clippers": [clipper.state_dict() for clipper in self.clippers]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for index, saved in enumerate(state_dict.get("clippers", [])):
+            self._clipper(index).load_state_dict(saved)
