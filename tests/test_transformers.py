@@ -43,7 +43,7 @@ def _dataset(rows: int = 16) -> list[dict[str, Any]]:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def _train(tmp_path: Path, callbacks: list[Any], **options: Any) -> Any:
+def _train(tmp_path: Path, callbacks: list[Any], resume: Any = None, **options: Any) -> Any:
     settings: dict[str, Any] = {
         "output_dir": str(tmp_path),
         "per_device_train_batch_size": 4,
@@ -63,7 +63,7 @@ def _train(tmp_path: Path, callbacks: list[Any], **options: Any) -> Any:
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_dataset(), callbacks=callbacks
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -125,3 +125,25 @@ def test_nonfinite_gradients_are_named_in_a_warning(tmp_path: Path) -> None:
 def test_double_clipping_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_grad_norm=0"):
         _train(tmp_path, [GradientClippingCallback(max_norm=0.1)], max_grad_norm=1.0)
+
+
+def test_a_resumed_run_clips_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    """The rule's state and the statistics are saved in each checkpoint and restored by
+    ``resume_from_checkpoint``; without them the run says it starts afresh."""
+    from agclip.backends.torch import ZClip
+
+    saving = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4}
+    whole = GradientClippingCallback(ZClip(warmup_steps=3))
+    straight = _parameters(_train(tmp_path, [whole], **saving))
+    again = GradientClippingCallback(ZClip(warmup_steps=3))
+    resumed = _train(tmp_path, [again], resume=str(tmp_path / "checkpoint-4"), **saving)
+    for a, b in zip(_parameters(resumed), straight, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert again.clipper.stats() == whole.clipper.stats()
+    for name in ("count", "mean", "var", "spikes"):
+        torch.testing.assert_close(
+            getattr(again.clipper.rule.state, name), getattr(whole.clipper.rule.state, name)
+        )
+    (tmp_path / "checkpoint-4" / "agclip_clipping.json").unlink()
+    with pytest.warns(UserWarning, match="start afresh"):
+        _train(tmp_path, [GradientClippingCallback(1.0)], str(tmp_path / "checkpoint-4"), **saving)

@@ -13,12 +13,16 @@ as ``grad_norm`` (as the Trainer does for its own clipping).
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
 from typing import Any
 
 from .._missing import missing
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:
     raise missing("hf", error) from error
 
@@ -36,7 +40,10 @@ class GradientClippingCallback(TrainerCallback):
     gradients give a ``NonFiniteGradientWarning`` naming the parameters, or a
     ``RuntimeError`` with ``error_if_nonfinite=True`` before anything is
     modified. Each training log (``logs["grad_norm"]``, also in
-    ``state.log_history``) carries the pre-clip norm of the last step.
+    ``state.log_history``) carries the pre-clip norm of the last step. Each
+    checkpoint the Trainer saves holds the rule's state and the statistics
+    (``agclip_clipping.json``); ``train(resume_from_checkpoint=...)`` restores them
+    from a checkpoint of ``output_dir``: a resumed run clips as an uninterrupted one.
 
     Args:
         max_norm: the largest total gradient norm allowed, or an adaptive rule
@@ -73,6 +80,23 @@ class GradientClippingCallback(TrainerCallback):
     ) -> None:
         _refuse_double_clipping(args)  # also for a callback added after __init__
         self.clipper.set_model(kwargs["model"])
+        if state.global_step > 0:  # resumed from a checkpoint
+            path = _saved_state(args, state)
+            if path.exists():
+                self.clipper.load_state_dict(json.loads(path.read_text()))
+            else:
+                warnings.warn(
+                    f"no {path.name} in {path.parent}: the clip statistics and the rule's "
+                    "state start afresh in this resumed run",
+                    stacklevel=2,
+                )
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        path = _saved_state(args, state)
+        if args.should_save and path.parent.is_dir():
+            path.write_text(json.dumps(_plain(self.clipper.state_dict())))
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -96,6 +120,19 @@ class GradientClippingCallback(TrainerCallback):
         last = state.log_history[-1] if state.log_history else {}
         if last.get("step") == state.global_step and "loss" in last:
             last["grad_norm"] = logs["grad_norm"]
+
+
+def _saved_state(args: TrainingArguments, state: TrainerState) -> Path:
+    """Where the clip's state goes: beside the Trainer's own, in this step's checkpoint."""
+    folder = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    return Path(args.output_dir) / folder / "agclip_clipping.json"
+
+
+def _plain(value: Any) -> Any:
+    """Tensors as numbers and lists (float64 keeps every digit through JSON)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value.tolist() if hasattr(value, "tolist") else value
 
 
 def _refuse_double_clipping(args: TrainingArguments) -> None:
