@@ -219,7 +219,8 @@ def test_each_optimizer_has_its_own_copy_of_an_adaptive_rule(rule: str) -> None:
     module = TwoOptimizers(ours=True)
     _fit(module, [clipping])
     first, second = clipping.clippers
-    assert first.rule is given and second.rule is not given
+    assert first.rule is given
+    assert second.rule is not given
     assert first.steps == second.steps == 4
     # Each state describes its optimizer's norms alone: replay them on fresh rules.
     reference = TwoOptimizers(ours=True)

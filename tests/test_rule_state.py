@@ -169,7 +169,7 @@ def test_a_callback_step_refused_by_its_rule_is_not_counted() -> None:
     model.zero_grad()
     model(torch.ones(8, 4)).pow(2).sum().backward()
     grads = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="has none for 1.weight"):
+    with pytest.raises(ValueError, match=r"has none for 1\.weight"):
         callback.on_after_backward()
     assert callback.stats() == before
     assert callback.rule.state is state

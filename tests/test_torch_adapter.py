@@ -280,7 +280,7 @@ def test_callback_clips_counts_and_returns_the_norm() -> None:
 def test_callback_clips_a_layer_replaced_after_set_model() -> None:
     """The model's parameters are read at every call, not kept from ``set_model``: a new
     head (or layers built later, as in Lightning's ``configure_model``) is clipped."""
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    model: Any = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
     cb = ag.GradientClipCallback(max_norm=1.0)
     cb.set_model(model)
     model[1] = torch.nn.Linear(4, 3)

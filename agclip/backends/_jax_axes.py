@@ -57,7 +57,7 @@ def _varying(x: Any, axis_name: Any) -> Any:
         return x
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)
+    return jax.lax.pvary(x, missing)  # type: ignore[attr-defined]  # JAX before pcast
 
 
 def _axis_size(name: Any) -> int:

@@ -78,8 +78,8 @@ class GradientClipping(Callback):
         super().__init__()
         # Each further optimizer gets a fresh copy of the rule as given (its own state).
         self._rule = copy.deepcopy(max_norm) if isinstance(max_norm, AdaptiveRule) else max_norm
-        self._options = {"norm_type": norm_type, "error_if_nonfinite": error_if_nonfinite}
-        self._options["warn_nonfinite"] = warn_nonfinite
+        self._options: dict[str, Any] = {"norm_type": norm_type, "warn_nonfinite": warn_nonfinite}
+        self._options["error_if_nonfinite"] = error_if_nonfinite
         self.clipper = GradientClipCallback(max_norm, **self._options)
         self.clippers = [self.clipper]  # one per optimizer, in the trainer's order
         self._module: LightningModule | None = None

@@ -125,7 +125,7 @@ class GradientClippingCallback(TrainerCallback):
 def _saved_state(args: TrainingArguments, state: TrainerState) -> Path:
     """Where the clip's state goes: beside the Trainer's own, in this step's checkpoint."""
     folder = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-    return Path(args.output_dir) / folder / "agclip_clipping.json"
+    return Path(str(args.output_dir)) / folder / "agclip_clipping.json"
 
 
 def _plain(value: Any) -> Any:
