@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -292,6 +293,31 @@ def test_callback_clips_a_layer_replaced_after_set_model() -> None:
     model[1].weight.grad[0, 0] = math.nan
     with pytest.warns(ag.NonFiniteGradientWarning, match=r"1\.weight"):
         cb.on_after_backward()
+
+
+def test_callback_state_round_trips_through_json() -> None:
+    model = torch.nn.Linear(4, 2)
+    saved = ag.GradientClipCallback(ag.ZClip(warmup_steps=2))
+    saved.set_model(model)
+    for scale in (1.0, 1.2, 50.0):
+        model.zero_grad()
+        model(torch.ones(3, 4)).sum().mul(scale).backward()
+        saved.on_after_backward()
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: plain(item) for key, item in value.items()}
+        return value.tolist() if isinstance(value, torch.Tensor) else value
+
+    restored = ag.GradientClipCallback(ag.ZClip(warmup_steps=2))
+    restored.load_state_dict(json.loads(json.dumps(plain(saved.state_dict()))))
+    assert {**restored.stats(), "last_norm": None} == {**saved.stats(), "last_norm": None}
+    for name in ("count", "mean", "var", "spikes"):
+        torch.testing.assert_close(
+            getattr(restored.rule.state, name), getattr(saved.rule.state, name), rtol=0, atol=0
+        )
+    with pytest.raises(ValueError, match="clipped_steps"):
+        restored.load_state_dict({"steps": 3, "rule": {}})
 
 
 def test_callback_warns_with_parameter_names_or_raises() -> None:
