@@ -406,6 +406,22 @@ SHARDED = textwrap.dedent("""
 
 
 @pytest.mark.slow
+def test_a_named_vmap_axis_reduces_like_the_unsplit_tree() -> None:
+    """``axis_name`` names a vmap axis too: each row holds a part of every leaf."""
+    tree = {"w": jnp.arange(24.0).reshape(4, 6), "b": jnp.linspace(-3.0, 5.0, 8).reshape(4, 2)}
+    want, want_norm = agclip.clip_by_global_norm(tree, 1.0)
+    tx = agj.clip_by_global_norm(1.0, axis_name="i")
+
+    def row(part: Any) -> Any:
+        out, state = tx.update(part, tx.init(part))
+        return out, state.norm
+
+    got, norms = jax.vmap(row, axis_name="i")(tree)
+    np.testing.assert_allclose(np.asarray(norms), float(want_norm), rtol=1e-6)
+    for key in tree:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-6)
+
+
 def test_sharded_and_axis_name_results_equal_unsharded() -> None:
     out = subprocess.run(
         [sys.executable, "-c", SHARDED], capture_output=True, text=True, timeout=300, check=False

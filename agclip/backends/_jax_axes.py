@@ -52,7 +52,9 @@ def _varying(x: Any, axis_name: Any) -> Any:
     aval = jax.typeof(x) if hasattr(jax, "typeof") else None
     kind = getattr(aval, "manual_axis_type", None)  # newer JAX; ``aval.vma`` before
     varying = getattr(kind, "varying", None) if kind is not None else getattr(aval, "vma", None)
-    missing = () if varying is None else tuple(a for a in axes if a not in varying)
+    # Nothing varying: no type checks here (vmap, pmap, check_vma=False), or a value
+    # invariant along every axis, which the collectives take as it is.
+    missing = tuple(a for a in axes if a not in varying) if varying else ()
     if not missing:
         return x
     if hasattr(jax.lax, "pcast"):
