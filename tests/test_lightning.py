@@ -231,6 +231,28 @@ def test_each_optimizer_has_its_own_copy_of_an_adaptive_rule(rule: str) -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_rule_holding_a_process_group_is_shared_not_copied() -> None:
+    """A process group cannot be deep-copied: each optimizer's rule shares it."""
+    import threading
+
+    from agclip.backends._torch_rules import fresh_copy
+    from agclip.backends.torch import ZClip
+
+    group = threading.Lock()  # stands in for a ProcessGroup: neither pickles
+    given = ZClip(process_group=group)
+    clipping = GradientClipping(max_norm=given)
+    model = torch.nn.Linear(3, 1)
+    model(torch.ones(2, 3)).sum().backward()
+    given.process_group = None  # a world of one process, for this step only
+    given.step(model)
+    given.process_group = group
+    twin = fresh_copy(given)
+    assert twin.process_group is group
+    assert twin.state is None
+    assert given.state is not None
+    assert clipping.clipper.rule is given
+
+
 class _Replay(pl.Callback):
     """Each optimizer's own rule stepped on that optimizer's parameters."""
 

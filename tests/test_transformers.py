@@ -6,6 +6,7 @@ refused, accumulation and bf16."""
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,19 @@ def test_a_resumed_run_clips_as_an_uninterrupted_one(tmp_path: Path) -> None:
         torch.testing.assert_close(
             getattr(again.clipper.rule.state, name), getattr(whole.clipper.rule.state, name)
         )
-    (tmp_path / "checkpoint-4" / "agclip_clipping.json").unlink()
+    # Moved elsewhere, the checkpoint carries the state with it.
+    moved = tmp_path / "elsewhere" / "step-4"
+    shutil.copytree(tmp_path / "checkpoint-4", moved)
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    elsewhere = GradientClippingCallback(ZClip(warmup_steps=3))
+    _train(tmp_path / "other", [elsewhere], resume=str(moved), **saving)
+    assert elsewhere.clipper.stats() == whole.clipper.stats()
+    # A checkpoint saved without the callback: the run says it starts afresh.
+    _train(tmp_path / "plain", [], **saving)
     with pytest.warns(UserWarning, match="start afresh"):
-        _train(tmp_path, [GradientClippingCallback(1.0)], str(tmp_path / "checkpoint-4"), **saving)
+        _train(
+            tmp_path / "plain",
+            [GradientClippingCallback(1.0)],
+            str(tmp_path / "plain" / "checkpoint-4"),
+            **saving,
+        )

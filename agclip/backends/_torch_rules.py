@@ -7,6 +7,7 @@ and returns the pre-clip norm; the state lives on the gradients' device as tenso
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -220,6 +221,15 @@ class AdaptiveRule:
                 f"{self._steps} norms; load it into {name}(history={held})"
             )
         self.state = state
+
+
+def fresh_copy(rule: AdaptiveRule) -> AdaptiveRule:
+    """A rule with the same hyperparameters and options (its process group too, shared,
+    not copied) and no state yet."""
+    twin = copy.copy(rule)
+    object.__setattr__(twin, "state", None)
+    object.__setattr__(twin, "_steps", 0)
+    return twin
 
 
 def _like(value: Any, like: Any) -> Any:

@@ -12,7 +12,6 @@ package (``lightning.pytorch``).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .._missing import missing
@@ -24,6 +23,7 @@ except ImportError as error:
     raise missing("lightning", error) from error
 
 from .._typing import Scalar
+from ..backends._torch_rules import fresh_copy
 from ..backends.torch import AdaptiveRule, GradientClipCallback
 
 __all__ = ["GradientClipping"]
@@ -76,8 +76,6 @@ class GradientClipping(Callback):
         name: str = "grad_norm",
     ):
         super().__init__()
-        # Each further optimizer gets a fresh copy of the rule as given (its own state).
-        self._rule = copy.deepcopy(max_norm) if isinstance(max_norm, AdaptiveRule) else max_norm
         self._options: dict[str, Any] = {"norm_type": norm_type, "warn_nonfinite": warn_nonfinite}
         self._options["error_if_nonfinite"] = error_if_nonfinite
         self.clipper = GradientClipCallback(max_norm, **self._options)
@@ -98,8 +96,10 @@ class GradientClipping(Callback):
             clipper.set_model(pl_module)
 
     def _clipper(self, index: int) -> GradientClipCallback:
-        while len(self.clippers) <= index:
-            clipper = GradientClipCallback(copy.deepcopy(self._rule), **self._options)
+        given = self.clipper.max_norm
+        while len(self.clippers) <= index:  # each further optimizer: a rule of its own
+            rule = fresh_copy(given) if isinstance(given, AdaptiveRule) else given
+            clipper = GradientClipCallback(rule, **self._options)
             if self._module is not None:
                 clipper.set_model(self._module)
             self.clippers.append(clipper)

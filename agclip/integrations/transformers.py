@@ -13,7 +13,6 @@ as ``grad_norm`` (as the Trainer does for its own clipping).
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from .._missing import missing
 
 try:
     from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer import TRAINER_STATE_NAME
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 except ImportError as error:
     raise missing("hf", error) from error
@@ -30,6 +30,8 @@ from .._typing import Scalar
 from ..backends.torch import AdaptiveRule, GradientClipCallback
 
 __all__ = ["GradientClippingCallback"]
+
+STATE_KEY = "agclip.GradientClippingCallback"  # in the Trainer state's stateful_callbacks
 
 
 class GradientClippingCallback(TrainerCallback):
@@ -41,9 +43,9 @@ class GradientClippingCallback(TrainerCallback):
     ``RuntimeError`` with ``error_if_nonfinite=True`` before anything is
     modified. Each training log (``logs["grad_norm"]``, also in
     ``state.log_history``) carries the pre-clip norm of the last step. Each
-    checkpoint the Trainer saves holds the rule's state and the statistics
-    (``agclip_clipping.json``); ``train(resume_from_checkpoint=...)`` restores them
-    from a checkpoint of ``output_dir``: a resumed run clips as an uninterrupted one.
+    checkpoint the Trainer saves holds the rule's state and the statistics (in its
+    ``trainer_state.json``); ``train(resume_from_checkpoint=...)`` restores them: a
+    resumed run clips as an uninterrupted one.
 
     Args:
         max_norm: the largest total gradient norm allowed, or an adaptive rule
@@ -80,23 +82,26 @@ class GradientClippingCallback(TrainerCallback):
     ) -> None:
         _refuse_double_clipping(args)  # also for a callback added after __init__
         self.clipper.set_model(kwargs["model"])
-        if state.global_step > 0:  # resumed from a checkpoint
-            path = _saved_state(args, state)
-            if path.exists():
-                self.clipper.load_state_dict(json.loads(path.read_text()))
+        if state.global_step > 0:  # resumed: the state comes from that checkpoint's own
+            saved = _stateful(state).get(STATE_KEY)  # trainer_state.json
+            if saved is not None:
+                self.clipper.load_state_dict(saved)
             else:
                 warnings.warn(
-                    f"no {path.name} in {path.parent}: the clip statistics and the rule's "
-                    "state start afresh in this resumed run",
+                    f"the checkpoint this run resumes from (step {state.global_step}) holds no "
+                    "agclip state: the clip statistics and the rule's state start afresh",
                     stacklevel=2,
                 )
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        path = _saved_state(args, state)
-        if args.should_save and path.parent.is_dir():
-            path.write_text(json.dumps(_plain(self.clipper.state_dict())))
+        # The Trainer has just written this checkpoint's trainer_state.json: written again
+        # with the clip's state, it travels with the checkpoint wherever it is resumed from.
+        _stateful(state)[STATE_KEY] = _plain(self.clipper.state_dict())
+        folder = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and (folder / TRAINER_STATE_NAME).is_file():
+            state.save_to_json(str(folder / TRAINER_STATE_NAME))
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -122,10 +127,13 @@ class GradientClippingCallback(TrainerCallback):
             last["grad_norm"] = logs["grad_norm"]
 
 
-def _saved_state(args: TrainingArguments, state: TrainerState) -> Path:
-    """Where the clip's state goes: beside the Trainer's own, in this step's checkpoint."""
-    folder = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-    return Path(str(args.output_dir)) / folder / "agclip_clipping.json"
+def _stateful(state: TrainerState) -> dict[str, Any]:
+    """The state's ``stateful_callbacks``: a dict of plain values by name (typed as a
+    list: the callbacks it is made from)."""
+    callbacks: dict[str, Any] | Any = state.stateful_callbacks
+    if not isinstance(callbacks, dict):
+        callbacks = state.stateful_callbacks = {}  # type: ignore[assignment]
+    return callbacks
 
 
 def _plain(value: Any) -> Any:
