@@ -7,6 +7,10 @@ from functools import partial
 from typing import Any
 
 import torch
+from torch.nn.modules.module import (
+    register_module_module_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 from .._kernels import Batch, Kernels
 from .._typing import Scalar
@@ -36,6 +40,21 @@ from ._torch_grads import (
     warn_if_unsynchronised,
 )
 from ._torch_rules import AdaptiveRule
+
+
+class _Registrations:
+    """How many modules and parameters were registered anywhere in this process (torch's
+    global registration hooks): a model's parameters are read again only after one."""
+
+    count = 0
+
+    @classmethod
+    def counted(cls, *_: Any) -> None:
+        cls.count += 1
+
+
+register_module_module_registration_hook(_Registrations.counted)
+register_module_parameter_registration_hook(_Registrations.counted)
 
 
 class NonFiniteGradientWarning(RuntimeWarning):
@@ -110,6 +129,8 @@ class GradientClipCallback:
         self.error_if_nonfinite, self.warn_nonfinite = error_if_nonfinite, warn_nonfinite
         self.check_every, self.foreach, self.process_group = check_every, foreach, process_group
         self._model: torch.nn.Module | None = None  # until set_model
+        # The model's parameters, names and names by id, and when they were read.
+        self._named: tuple[int, list[Any], list[str], dict[int, str]] | None = None
         self._last = LastClipped()
         self.steps = 0
         self._clipped: Any = 0  # tensors on the device once stepping
@@ -118,11 +139,11 @@ class GradientClipCallback:
         self.last_clipped: torch.Tensor | None = None  # whether the last step clipped
 
     def set_model(self, model: torch.nn.Module) -> None:
-        """Clip this model's parameters (named as in ``model.named_parameters()``, read
-        at every call: layers replaced or built later count too)."""
+        """Clip this model's parameters (named as in ``model.named_parameters()``; layers
+        replaced or built later count too)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._model = model
+        self._model, self._named = model, None
 
     @torch.no_grad()
     def on_after_backward(self, optimizer: Any = None, *, scaler: Any = None) -> torch.Tensor:
@@ -142,7 +163,7 @@ class GradientClipCallback:
         """
         inner = None if optimizer is None else real_optimizer(optimizer)
         if inner is None:
-            params, names = self._named_params()
+            params, names, _ = self._named_params()
         else:
             params = optimizer_params(inner)
             names = self._named_like(params)
@@ -181,17 +202,25 @@ class GradientClipCallback:
             return empty_norm() if decision is None else decision.returned_norm(k)
         return self._recorded(k, decision)
 
-    def _named_params(self) -> tuple[list[Any], list[str]]:
-        """The model's parameters and names, read at every call: a layer replaced since
-        ``set_model``, or built after it (Lightning's ``configure_model``), counts too."""
+    def _named_params(self) -> tuple[list[Any], list[str], dict[int, str]]:
+        """The model's parameters, names and names by id, read again after any module or
+        parameter is registered: a layer replaced since ``set_model``, or built after it
+        (Lightning's ``configure_model``), counts too."""
         if self._model is None:
             raise RuntimeError("call set_model(model) before clipping")
-        return unzip_named(self._model.named_parameters())
+        named = self._named
+        if named is None or named[0] != _Registrations.count:
+            params, names = unzip_named(self._model.named_parameters())
+            by_id = {id(param): name for param, name in zip(params, names, strict=True)}
+            named = (_Registrations.count, params, names, by_id)
+            if not torch.compiler.is_compiling():  # a trace restarts: it keeps nothing
+                self._named = named
+        return named[1:]
 
     def _named_like(self, params: list[Any]) -> list[str]:
         """The model's names of ``params`` (an optimizer may hold others)."""
-        named = {id(param): name for param, name in zip(*self._named_params(), strict=True)}
-        return [named.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
+        by_id = self._named_params()[2]
+        return [by_id.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
 
     def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
         """The check between the norm and the first write: refuse (``error_if_nonfinite``),
