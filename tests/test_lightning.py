@@ -323,6 +323,14 @@ def test_a_resumed_run_clips_as_an_uninterrupted_one(tmp_path: Any) -> None:
     assert resumed_clipping.clipper.stats() == whole.clipper.stats()
     for a, b in zip(_state(resumed_clipping.clipper.rule), _state(whole.clipper.rule), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # A checkpoint saved without the callback: the run says it starts afresh.
+    fit(1, GradientClipping(1.0), tmp_path / "plain")
+    (plain,) = (tmp_path / "plain" / "checkpoints").glob("*.ckpt")
+    saved = torch.load(plain, weights_only=False)
+    saved["callbacks"] = {k: v for k, v in saved["callbacks"].items() if "Clipping" not in k}
+    torch.save(saved, plain)
+    with pytest.warns(UserWarning, match="start afresh"):
+        fit(2, GradientClipping(ZClip()), tmp_path / "plain", ckpt_path=plain)
 
 
 class FusedAdamW(Regression):

@@ -318,6 +318,15 @@ def test_callback_state_round_trips_through_json() -> None:
         )
     with pytest.raises(ValueError, match="clipped_steps"):
         restored.load_state_dict({"steps": 3, "rule": {}})
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match="of a ZClip threshold, this callback's is fixed"):
+        ag.GradientClipCallback(1.0).load_state_dict(state)
+    with pytest.raises(ValueError, match="of a ZClip threshold, this callback's is AutoClip"):
+        ag.GradientClipCallback(ag.AutoClip()).load_state_dict(state)
+    for bad in ({"steps": 2.7}, {"steps": "3"}, {"clipped_steps": 9}):
+        with pytest.raises(ValueError, match="steps"):
+            restored.load_state_dict({**state, **bad})
+    assert restored.steps == 3  # nothing changed by a refused state
 
 
 def test_callback_warns_with_parameter_names_or_raises() -> None:

@@ -12,6 +12,7 @@ from torch.nn.modules.module import (
     register_module_parameter_registration_hook,
 )
 
+from .._checks import check_count
 from .._kernels import Batch, Kernels
 from .._typing import Scalar
 from ._torch_clip import (
@@ -280,19 +281,35 @@ class GradientClipCallback:
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to go on as if uninterrupted: the statistics and the
         rule's state (tensors; reading ``clipped_steps`` syncs)."""
-        rule = self.rule.state_dict() if isinstance(self.rule, AdaptiveRule) else {}
-        return {"steps": self.steps, "clipped_steps": self.clipped_steps, "rule": rule}
+        adaptive = isinstance(self.rule, AdaptiveRule)
+        return {
+            "threshold": self._threshold_kind(),
+            "steps": self.steps,
+            "clipped_steps": self.clipped_steps,
+            "rule": self.rule.state_dict() if adaptive else {},
+        }
+
+    def _threshold_kind(self) -> str:
+        return type(self.rule).__name__ if isinstance(self.rule, AdaptiveRule) else "fixed"
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what ``state_dict()`` saved (tensors, or plain numbers from JSON)."""
-        missing = {"steps", "clipped_steps", "rule"} - set(state_dict)
+        mine = self._threshold_kind()
+        missing = {"threshold", "steps", "clipped_steps", "rule"} - set(state_dict)
         if missing:
+            raise ValueError(f"GradientClipCallback.load_state_dict: no {sorted(missing)}")
+        if state_dict["threshold"] != mine:
             raise ValueError(
-                f"GradientClipCallback.load_state_dict: no {', '.join(sorted(missing))}"
+                f"GradientClipCallback.load_state_dict: the state is of a {state_dict['threshold']}"
+                f" threshold, this callback's is {mine}"
             )
+        steps = check_count("steps", state_dict["steps"])
+        clipped = check_count("clipped_steps", state_dict["clipped_steps"])
+        if clipped > steps:
+            raise ValueError(f"clipped_steps ({clipped}) is more than steps ({steps})")
         if isinstance(self.rule, AdaptiveRule):
             self.rule.load_state_dict(state_dict["rule"])
-        self.steps, self._clipped = int(state_dict["steps"]), int(state_dict["clipped_steps"])
+        self.steps, self._clipped = steps, clipped
 
     def stats(self) -> dict[str, float | int | None]:
         """Steps, clipped steps, clip rate and last norm, as Python numbers."""

@@ -12,6 +12,7 @@ package (``lightning.pytorch``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .._missing import missing
@@ -120,6 +121,16 @@ class GradientClipping(Callback):
             pl_module.log(name, norm, on_step=True, on_epoch=False, batch_size=1)
             # batch_size=1: the epoch's rate is the share of steps, not of samples
             pl_module.log(f"{name}_clip_rate", clipped, on_step=False, on_epoch=True, batch_size=1)
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.state_key not in checkpoint.get("callbacks", {}):
+            warnings.warn(
+                "the checkpoint holds no state of agclip's GradientClipping: the clip "
+                "statistics and the rules' states start afresh in this resumed run",
+                stacklevel=2,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Each optimizer's statistics and rule state, for Lightning's checkpoints."""
