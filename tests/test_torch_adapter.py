@@ -295,6 +295,29 @@ def test_callback_clips_a_layer_replaced_after_set_model() -> None:
         cb.on_after_backward()
 
 
+@pytest.mark.parametrize("through_optimizer", [False, True])
+def test_callback_follows_parameters_replaced_without_a_registration(
+    through_optimizer: bool,
+) -> None:
+    """``to_empty`` (meta-device initialisation) puts new parameters in place without
+    torch's registration hooks: the clip still finds them, and names them."""
+    with torch.device("meta"):
+        model: Any = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    cb = ag.GradientClipCallback(max_norm=1.0)
+    cb.set_model(model)
+    with pytest.warns(ag.ClipPlacementWarning):
+        cb.on_after_backward()  # a first call, before the parameters exist
+    model.to_empty(device="cpu")
+    for param in model.parameters():
+        torch.nn.init.normal_(param)
+    model(torch.ones(2, 4)).pow(2).sum().mul(100).backward()
+    model[1].weight.grad[0, 0] = math.nan
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1) if through_optimizer else None
+    with pytest.warns(ag.NonFiniteGradientWarning, match=r": 1\.weight$"):
+        norm = cb.on_after_backward(optimizer)
+    assert math.isnan(float(norm))
+
+
 def test_callback_state_round_trips_through_json() -> None:
     model = torch.nn.Linear(4, 2)
     saved = ag.GradientClipCallback(ag.ZClip(warmup_steps=2))

@@ -165,6 +165,8 @@ class GradientClipCallback:
         inner = None if optimizer is None else real_optimizer(optimizer)
         if inner is None:
             params, names, _ = self._named_params()
+            if params and all(p.grad is None for p in params):  # replaced without a hook
+                params, names, _ = self._named_params(again=True)  # (``to_empty``)?
         else:
             params = optimizer_params(inner)
             names = self._named_like(params)
@@ -203,14 +205,14 @@ class GradientClipCallback:
             return empty_norm() if decision is None else decision.returned_norm(k)
         return self._recorded(k, decision)
 
-    def _named_params(self) -> tuple[list[Any], list[str], dict[int, str]]:
+    def _named_params(self, again: bool = False) -> tuple[list[Any], list[str], dict[int, str]]:
         """The model's parameters, names and names by id, read again after any module or
         parameter is registered: a layer replaced since ``set_model``, or built after it
         (Lightning's ``configure_model``), counts too."""
         if self._model is None:
             raise RuntimeError("call set_model(model) before clipping")
         named = self._named
-        if named is None or named[0] != _Registrations.count:
+        if again or named is None or named[0] != _Registrations.count:
             params, names = unzip_named(self._model.named_parameters())
             by_id = {id(param): name for param, name in zip(params, names, strict=True)}
             named = (_Registrations.count, params, names, by_id)
@@ -221,6 +223,8 @@ class GradientClipCallback:
     def _named_like(self, params: list[Any]) -> list[str]:
         """The model's names of ``params`` (an optimizer may hold others)."""
         by_id = self._named_params()[2]
+        if any(id(p) not in by_id for p in params):  # replaced without a hook (``to_empty``)?
+            by_id = self._named_params(again=True)[2]
         return [by_id.get(id(p), f"optimizer parameter {i}") for i, p in enumerate(params)]
 
     def _observer(self, k: Kernels, grads: Batch, labels: Labels) -> Callable[[Any], None]:
