@@ -55,6 +55,13 @@ def quiet() -> np.errstate:
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
+def at_least_zero(xp: ModuleType, threshold: Any) -> Any:
+    """A threshold as given: a Python number (checked on the way in) as it is; an array
+    (traced, or on a device: used unread, so unchecked) clipped at 0, since a schedule's
+    rounding can dip below 0, and a negative threshold would flip the gradients' sign."""
+    return threshold if isinstance(threshold, (int, float)) else xp.clip(threshold, min=0.0)
+
+
 def pow_abs(xp: ModuleType, x: Any, p: float) -> Any:
     """|x|**p with the cheap forms for p = 1 and p = 2."""
     if p == L2:
@@ -281,9 +288,7 @@ class Kernels:
         top = float(self.xp.finfo(dtype).max)
         if isinstance(clip_value, float):
             return min(clip_value, top)
-        # Traced or on a device: unchecked, and a schedule's rounding can dip below 0
-        # (a negative bound would set every element to it).
-        return self.xp.astype(self.xp.clip(clip_value, 0.0, top), dtype)
+        return self.xp.astype(self.xp.minimum(at_least_zero(self.xp, clip_value), top), dtype)
 
     def clip_values(self, batch: Batch, clip_value: Any) -> list[Any]:
         """Each leaf clipped into ``[-clip_value, clip_value]`` (new arrays); NaN stays NaN."""

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._kernels import Batch, Kernels, pow_abs
+from ._kernels import Batch, Kernels, at_least_zero, pow_abs
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,7 @@ def clip_coefficient(k: Kernels, norm: Any, max_norm: Any, eps: Any) -> Any:
     number, so a zero norm gives 1 (or 0 for ``max_norm=0``), never NaN.
     """
     xp = k.xp
-    if not isinstance(max_norm, (int, float)):  # traced or on a device: unchecked, and a
-        max_norm = xp.clip(max_norm, min=0.0)  # schedule's rounding can dip below 0
+    max_norm = at_least_zero(xp, max_norm)
     numerator, denominator = max_norm, norm + eps
     tiny = float(xp.finfo(norm.dtype).smallest_normal)
     if not (isinstance(eps, (int, float)) and eps >= tiny):  # eps may be 0, tiny, traced
@@ -297,8 +296,7 @@ def clip_units_by_params(
     ``clipping * max(its parameter norm, eps)``; ``skip``ped leaves pass unchanged.
     Norms and the scale are computed in float32 (float64 for float64 leaves)."""
     xp = k.xp
-    if not isinstance(clipping, (int, float)):  # traced or on a device: unchecked, and a
-        clipping = xp.clip(clipping, min=0.0)  # schedule's rounding can dip below 0
+    clipping = at_least_zero(xp, clipping)
     out = []
     for grad, param, unit_axes, passed in zip(grads, params, axes, skip, strict=True):
         if passed:
